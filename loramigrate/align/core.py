@@ -1,0 +1,134 @@
+"""The align stage's core: two loaded models + calibration text → ``Alignment``. No paths, no UI."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from loramigrate.align.activations import activation_rows, calibration_batches, layer_outputs
+from loramigrate.align.cka import make_cka
+from loramigrate.align.head_match import HEAD_MATCHERS, head_similarity, kv_group_map
+from loramigrate.align.layer_map import LAYER_MAPPERS
+from loramigrate.align.mlp_map import MLP_MATCHERS, neuron_similarity, resolve_mlp_matcher
+from loramigrate.align.transfer_matrix import TRANSFER_FITS, fit_quality, shared_tokens
+from loramigrate.alignment import Alignment, LayerAlignment
+from loramigrate.arch import ModelSpec, input_embeddings, layer_weights, model_spec
+from loramigrate.config import AlignConfig
+from loramigrate.errors import ArtifactError
+from loramigrate.progress import ProgressFn, no_progress
+
+log = logging.getLogger(__name__)
+
+
+def layer_similarity(old: nn.Module, new: nn.Module, batches: Iterable[tuple[dict, dict]], *,
+                     old_spec: ModelSpec, new_spec: ModelSpec, pooled: bool, row_norm: bool,
+                     estimator: str, chunk: int, max_bytes: int, total: int,
+                     progress: ProgressFn = no_progress) -> tuple[torch.Tensor, str, int]:
+    """Old×new linear CKA over every layer pair, one forward pass per model and batch.
+
+    Returns:
+        (L_old, L_new) CKA, the estimator used, the number of rows (tokens or sequences).
+    """
+    name, acc = make_cka(estimator, old_spec.n_layers, old_spec.hidden, new_spec.n_layers,
+                         new_spec.hidden, chunk, max_bytes)
+    rows = 0
+    for i, (enc_old, enc_new) in enumerate(batches):
+        x = activation_rows(layer_outputs(old, enc_old), enc_old["attention_mask"], pooled, row_norm)
+        y = activation_rows(layer_outputs(new, enc_new), enc_new["attention_mask"], pooled, row_norm)
+        acc.update(x, y)
+        rows += x.shape[1]
+        progress("calibration", i + 1, total)
+    if rows < 4:
+        raise ArtifactError(f"calibration gave {rows} rows; CKA needs at least 4 (give more text)")
+    return acc.result(), name, rows
+
+
+def fit_transfer(old: nn.Module, new: nn.Module, old_vocab: dict[str, int], new_vocab: dict[str, int],
+                 method: str, ridge: float) -> tuple[torch.Tensor, dict]:
+    """Fit T on the input embeddings of shared tokens; returns T and what to report about it."""
+    e_old, e_new = input_embeddings(old), input_embeddings(new)
+    ids_old, ids_new = shared_tokens(old_vocab, new_vocab, e_old.shape[0], e_new.shape[0])
+    x, y = e_old[ids_old], e_new[ids_new]
+    t = TRANSFER_FITS[method](x, y, ridge)
+    info = {
+        "shared_tokens": {
+            "count": len(ids_old),
+            "old_vocab": len(old_vocab),
+            "new_vocab": len(new_vocab),
+            "coverage_old": round(len(ids_old) / max(len(old_vocab), 1), 4),
+            "coverage_new": round(len(ids_new) / max(len(new_vocab), 1), 4),
+        },
+        "transfer_r2": round(fit_quality(x, y, t), 4),
+    }
+    return t, info
+
+
+def match_layers(old: nn.Module, new: nn.Module, old_spec: ModelSpec, new_spec: ModelSpec,
+                 layer_map: list[int | None], transfer: torch.Tensor, head_matcher: str, mlp_matcher: str,
+                 progress: ProgressFn = no_progress) -> dict[int, LayerAlignment]:
+    """Head and neuron maps for every mapped (new layer ← old layer) pair."""
+    mapped = [(j, i) for j, i in enumerate(layer_map) if i is not None]
+    mlp_name = resolve_mlp_matcher(mlp_matcher, old_spec.intermediate, new_spec.intermediate)
+    result: dict[int, LayerAlignment] = {}
+    for n, (j, i) in enumerate(mapped):
+        w_old, w_new = layer_weights(old, old_spec, i), layer_weights(new, new_spec, j)
+        hsim = head_similarity(w_old, w_new, transfer)
+        hmap = HEAD_MATCHERS[head_matcher](hsim)
+        nsim = neuron_similarity(w_old, w_new, transfer)
+        nmap = MLP_MATCHERS[mlp_name](nsim)
+        score = torch.where(nmap >= 0, nsim.gather(1, nmap.clamp_min(0)[:, None])[:, 0], torch.zeros(()))
+        result[j] = LayerAlignment(
+            old_layer=i, head_sim=hsim, head_map=hmap,
+            kv_map=kv_group_map(hmap, old_spec.group_size, new_spec.group_size, new_spec.n_kv_heads),
+            mlp_map=nmap, mlp_score=score,
+        )
+        progress("heads and neurons", n + 1, len(mapped))
+    return result
+
+
+def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[str], cfg: AlignConfig,
+                 progress: ProgressFn = no_progress) -> Alignment:
+    """Compute the full alignment of two loaded base models."""
+    torch.manual_seed(cfg.seed)
+    old_spec, new_spec = model_spec(old), model_spec(new)
+    old_vocab, new_vocab = old_tok.get_vocab(), new_tok.get_vocab()
+    batches = list(calibration_batches(texts, old_tok, new_tok, cfg.seq_len, cfg.max_tokens, cfg.batch_size))
+    # Token rows line up only when both tokenizers cut the calibration text identically.
+    same_tokenizer = all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in batches)
+    cka, estimator, rows = layer_similarity(
+        old, new, batches, old_spec=old_spec, new_spec=new_spec, pooled=not same_tokenizer,
+        row_norm=cfg.row_norm, estimator=cfg.cka, chunk=cfg.cka_chunk, max_bytes=cfg.cka_max_mb << 20,
+        total=len(batches), progress=progress,
+    )
+    layer_map = LAYER_MAPPERS[cfg.layer_map](cka)
+    transfer, transfer_info = fit_transfer(old, new, old_vocab, new_vocab, cfg.transfer, cfg.ridge)
+    layers = match_layers(old, new, old_spec, new_spec, layer_map, transfer, cfg.head_match, cfg.mlp_match,
+                          progress)
+    mapped = [j for j, i in enumerate(layer_map) if i is not None]
+    info = {
+        "options": cfg.model_dump(),
+        "calibration": {"batches": len(batches), "rows": rows,
+                        "rows_are": "tokens" if same_tokenizer else "sequences (mean-pooled)",
+                        "same_tokenizer": same_tokenizer, "cka_estimator": estimator,
+                        "outliers": "row_norm" if cfg.row_norm else "centre only"},
+        **transfer_info,
+        "scores": {
+            "layer_path_cka": [round(float(cka[layer_map[j], j]), 4) for j in mapped],
+            "head_similarity": {str(j): round(_matched_mean(la.head_sim, la.head_map), 4)
+                                for j, la in layers.items()},
+            "mlp_similarity": {str(j): round(float(la.mlp_score[la.mlp_map >= 0].mean()), 4)
+                               if bool((la.mlp_map >= 0).any()) else None for j, la in layers.items()},
+            "mlp_matched_fraction": {str(j): round(float((la.mlp_map >= 0).float().mean()), 4)
+                                     for j, la in layers.items()},
+        },
+    }
+    return Alignment(old=old_spec, new=new_spec, cka=cka, layer_map=layer_map, transfer=transfer,
+                     layers=layers, info=info)
+
+
+def _matched_mean(sim: torch.Tensor, mapping: list[int | None]) -> float:
+    vals = [float(sim[j, i]) for j, i in enumerate(mapping) if i is not None]
+    return sum(vals) / len(vals) if vals else 0.0

@@ -1,0 +1,117 @@
+"""The alignment artifact: everything later stages need to move adapters from OLD to NEW.
+
+On disk: ``alignment.safetensors`` (tensors) + ``alignment.json`` (maps, scores, options; readable
+and diffable). Head and neuron maps use -1 in tensors and null in JSON for "no source".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from loramigrate.arch import ModelSpec
+from loramigrate.errors import ArtifactError
+
+TENSORS = "alignment.safetensors"
+META = "alignment.json"
+
+
+@dataclass(frozen=True)
+class LayerAlignment:
+    """Maps for one NEW layer that has an OLD source layer.
+
+    Attributes:
+        head_sim: (H_new, H_old) circuit similarity.
+        head_map: per new query head, the old head or None.
+        kv_map: per new kv group, the old kv group or None.
+        mlp_map: (I_new,) old neuron per new neuron, -1 for none.
+        mlp_score: (I_new,) similarity of each matched neuron pair (0 where unmatched).
+    """
+
+    old_layer: int
+    head_sim: torch.Tensor
+    head_map: list[int | None]
+    kv_map: list[int | None]
+    mlp_map: torch.Tensor
+    mlp_score: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Old→new correspondence. ``transfer`` is T (d_new, d_old) with h_new ≈ T h_old;
+    ``layer_map`` has one entry per NEW layer; ``layers`` is keyed by new layer index."""
+
+    old: ModelSpec
+    new: ModelSpec
+    cka: torch.Tensor
+    layer_map: list[int | None]
+    transfer: torch.Tensor
+    layers: dict[int, LayerAlignment]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _none_to_neg(xs: list[int | None]) -> torch.Tensor:
+    return torch.tensor([-1 if x is None else x for x in xs], dtype=torch.long)
+
+
+def _neg_to_none(t: torch.Tensor) -> list[int | None]:
+    return [None if x < 0 else x for x in t.tolist()]
+
+
+def save_alignment(a: Alignment, out_dir: Path) -> None:
+    tensors = {"cka": a.cka.double().contiguous(), "transfer": a.transfer.float().contiguous(),
+               "layer_map": _none_to_neg(a.layer_map)}
+    for j, la in a.layers.items():
+        tensors[f"layers.{j}.head_sim"] = la.head_sim.float().contiguous()
+        tensors[f"layers.{j}.head_map"] = _none_to_neg(la.head_map)
+        tensors[f"layers.{j}.kv_map"] = _none_to_neg(la.kv_map)
+        tensors[f"layers.{j}.mlp_map"] = la.mlp_map.long().contiguous()
+        tensors[f"layers.{j}.mlp_score"] = la.mlp_score.float().contiguous()
+    save_file(tensors, str(out_dir / TENSORS))
+    meta = {
+        "old": asdict(a.old),
+        "new": asdict(a.new),
+        "layer_map": a.layer_map,
+        "head_map": {str(j): la.head_map for j, la in a.layers.items()},
+        "kv_map": {str(j): la.kv_map for j, la in a.layers.items()},
+        **a.info,
+    }
+    (out_dir / META).write_text(json.dumps(meta, indent=2))
+
+
+def load_alignment(align_dir: Path) -> Alignment:
+    """Read an alignment directory written by ``save_alignment``.
+
+    Raises:
+        ArtifactError: missing or corrupt files.
+    """
+    align_dir = Path(align_dir)
+    for name in (TENSORS, META):
+        if not (align_dir / name).is_file():
+            raise ArtifactError(f"{align_dir} is not an alignment directory (no {name}); run `loramigrate align`")
+    try:
+        t = load_file(str(align_dir / TENSORS))
+        meta = json.loads((align_dir / META).read_text())
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{align_dir}: cannot read the alignment ({e}); rerun `loramigrate align`") from None
+    layer_map = _neg_to_none(t["layer_map"])
+    layers = {
+        j: LayerAlignment(
+            old_layer=src,
+            head_sim=t[f"layers.{j}.head_sim"],
+            head_map=_neg_to_none(t[f"layers.{j}.head_map"]),
+            kv_map=_neg_to_none(t[f"layers.{j}.kv_map"]),
+            mlp_map=t[f"layers.{j}.mlp_map"],
+            mlp_score=t[f"layers.{j}.mlp_score"],
+        )
+        for j, src in enumerate(layer_map) if src is not None
+    }
+    info = {k: v for k, v in meta.items() if k not in ("old", "new", "layer_map", "head_map", "kv_map")}
+    return Alignment(old=ModelSpec(**meta["old"]), new=ModelSpec(**meta["new"]), cka=t["cka"],
+                     layer_map=layer_map, transfer=t["transfer"], layers=layers, info=info)

@@ -1,0 +1,38 @@
+"""The `loramigrate` typer app: global options and one command per stage."""
+
+from typing import Annotated
+
+import typer
+
+from loramigrate import __version__
+from loramigrate.cli._ui import setup_logging
+from loramigrate.cli.align import EXAMPLES as ALIGN_EXAMPLES
+from loramigrate.cli.align import align
+
+app = typer.Typer(
+    name="loramigrate",
+    help="Migrate LoRA adapters across base-model upgrades. Results go to stdout, everything else to stderr.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only, no progress bars.")] = False,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                 help="Print the version and exit.")] = None,
+) -> None:
+    """loramigrate: align → transfer → search → finetune → eval."""
+    setup_logging(verbose, quiet)
+
+
+app.command(epilog=ALIGN_EXAMPLES)(align)

@@ -1,0 +1,38 @@
+"""Typed, frozen stage configs. Recipes and CLI options both resolve into these."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelLoadConfig(_Config):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class AlignConfig(_Config):
+    """Options of the align stage (base pair only)."""
+
+    old: str  # model directory, .gguf file or hub id
+    new: str
+    calib: str | None = None  # .txt or .jsonl; None = the text shipped with loramigrate
+    max_tokens: int = Field(4096, ge=16)  # calibration tokens; more = steadier CKA, linear time
+    seq_len: int = Field(128, ge=4)
+    batch_size: int = Field(8, ge=1)
+    cka: Literal["auto", "feature", "minibatch"] = "auto"  # auto: exact when it fits cka_max_mb
+    cka_chunk: int = Field(512, ge=4)  # rows per unbiased-HSIC chunk (minibatch estimator)
+    cka_max_mb: int = Field(1024, ge=1)
+    row_norm: bool = True  # unit-length rows: massive-activation tokens do not dominate CKA
+    layer_map: Literal["cka_dp", "uniform", "first", "last"] = "cka_dp"
+    head_match: Literal["hungarian", "identity"] = "hungarian"
+    mlp_match: Literal["auto", "hungarian", "mutual_best", "identity"] = "auto"
+    transfer: Literal["procrustes", "lstsq"] = "procrustes"
+    ridge: float = Field(1e-4, ge=0)  # lstsq only, relative to the mean embedding energy
+    load: ModelLoadConfig = ModelLoadConfig()
+    seed: int = 0

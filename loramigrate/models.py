@@ -1,0 +1,125 @@
+"""Load base models and tokenizers: a local HF directory, a GGUF file, or a hub id when online."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from loramigrate.errors import ArtifactError, ConfigError
+
+log = logging.getLogger(__name__)
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from: ``source`` is what from_pretrained gets, ``gguf_file`` if any."""
+
+    source: str
+    gguf_file: str | None = None
+
+    @property
+    def local(self) -> bool:
+        return Path(self.source).exists()
+
+    @property
+    def path(self) -> str:
+        """The path whose content identifies the model (the GGUF file itself when given)."""
+        return str(Path(self.source) / self.gguf_file) if self.gguf_file else self.source
+
+
+def resolve_model(ref: str | Path) -> ModelRef:
+    """Check a model reference before any heavy work.
+
+    Raises:
+        ArtifactError: a local path that does not exist or is not a model directory / GGUF file.
+    """
+    ref = str(ref)
+    p = Path(ref)
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ArtifactError(f"{ref} is a file but not a .gguf model; pass a model directory or GGUF file")
+        return ModelRef(str(p.parent), p.name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ArtifactError(f"{ref} is not a model directory (no config.json)")
+        return ModelRef(str(p))
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/")):
+        return ModelRef(ref)
+    raise ArtifactError(f"model {ref} not found: no such directory or file")
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (half precision matmuls are slow there), bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _is_causal_lm(ref: ModelRef) -> bool:
+    if ref.gguf_file:
+        return True  # GGUF checkpoints that transformers reads are all decoder LMs
+    cfg_path = Path(ref.source) / "config.json"
+    if not cfg_path.is_file():
+        return True
+    archs = json.loads(cfg_path.read_text()).get("architectures") or []
+    return any(a.endswith("ForCausalLM") for a in archs)
+
+
+def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu") -> nn.Module:
+    """Load a model in eval mode: causal LMs with their LM head, encoders as the bare model.
+
+    Raises:
+        ArtifactError: the files cannot be read (corrupt weights, missing shards, offline hub id).
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # progress is ours to draw
+    dev = resolve_device(device)
+    cls = AutoModelForCausalLM if _is_causal_lm(ref) else AutoModel
+    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    try:
+        model = cls.from_pretrained(ref.source, dtype=resolve_dtype(dtype, dev), **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"cannot load model {ref.path}: {first}") from e
+    log.info("loaded %s (%s, %.1fM params)", ref.path, type(model).__name__,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    return model.to(dev).eval()
+
+
+def load_tokenizer(ref: ModelRef):  # -> transformers.PreTrainedTokenizerBase
+    """Load the tokenizer that ships with the model.
+
+    Raises:
+        ArtifactError: the model has no tokenizer files.
+    """
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(ref.source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"cannot load a tokenizer for {ref.path}: {str(e).splitlines()[0]}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
