@@ -60,17 +60,16 @@ class FeatureCKA:
         return hsic_xy / (norm_x[:, None] * norm_y[None, :]).clamp_min(_EPS)
 
 
-def unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Unbiased HSIC between every Gram in ``k`` (A, n, n) and every Gram in ``l`` (B, n, n).
+def unbiased_hsic(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC between every Gram in ``k`` (A, n, n) and every Gram in ``m`` (B, n, n).
 
     The diagonals must already be zero. Returns (A, B).
     """
     n = k.shape[-1]
-    trace = torch.einsum("aij,bij->ab", k, l)
-    sum_k, sum_l = k.sum((1, 2)), l.sum((1, 2))
-    row_k, row_l = k.sum(2), l.sum(2)
-    middle = sum_k[:, None] * sum_l[None, :] / ((n - 1) * (n - 2))
-    cross = 2.0 / (n - 2) * (row_k @ row_l.T)
+    trace = torch.einsum("aij,bij->ab", k, m)
+    sum_k, sum_m = k.sum((1, 2)), m.sum((1, 2))
+    middle = sum_k[:, None] * sum_m[None, :] / ((n - 1) * (n - 2))
+    cross = 2.0 / (n - 2) * (k.sum(2) @ m.sum(2).T)
     return (trace + middle - cross) / (n * (n - 3))
 
 
@@ -106,9 +105,9 @@ class MinibatchCKA:
         x, y = torch.cat(self._old, 1), torch.cat(self._new, 1)
         self._old, self._new = [x[:, rows:]], [y[:, rows:]]
         self._buffered -= rows
-        k, l = _gram(x[:, :rows]), _gram(y[:, :rows])
-        xy = unbiased_hsic(k, l)
-        xx, yy = _self_hsic(k), _self_hsic(l)
+        k, m = _gram(x[:, :rows]), _gram(y[:, :rows])
+        xy = unbiased_hsic(k, m)
+        xx, yy = _self_hsic(k), _self_hsic(m)
         if self.hsic_xy is None:
             self.hsic_xy, self.hsic_xx, self.hsic_yy = xy, xx, yy
         else:
