@@ -113,11 +113,15 @@ def load_tokenizer(ref: ModelRef):  # -> transformers.PreTrainedTokenizerBase
     Raises:
         ArtifactError: the model has no tokenizer files.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    # A tokenizer.json describes the whole pipeline; model-specific classes may rebuild it from
+    # vocab/merges files instead, so prefer it when present.
+    has_json = ref.local and not ref.gguf_file and (Path(ref.source) / "tokenizer.json").is_file()
+    cls = PreTrainedTokenizerFast if has_json else AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(ref.source, **kwargs)
+        tok = cls.from_pretrained(ref.source, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"cannot load a tokenizer for {ref.path}: {str(e).splitlines()[0]}") from e
     if tok.pad_token is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 WORDS = (
@@ -27,6 +27,7 @@ FAMILIES = ("llama", "qwen2", "mistral", "gemma", "neox", "bert")
 def make_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
 

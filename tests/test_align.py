@@ -1,0 +1,102 @@
+"""`loramigrate align` end to end on tiny models with known ground truth."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from loramigrate.alignment import load_alignment
+from loramigrate.cli.main import app
+from tests.conftest import shape_pair
+from tests.helpers import FAMILIES
+
+runner = CliRunner()
+
+
+def align(old, new, out, *extra):
+    result = runner.invoke(app, ["-q", "align", "--old", str(old), "--new", str(new), "-o", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out)  # stdout carries only the output path
+    return load_alignment(out)
+
+
+def check_outputs(out):
+    for name in ("alignment.safetensors", "alignment.json", "cka.png", "manifest.json"):
+        assert (out / name).is_file(), name
+    assert all(torch.isfinite(t.float()).all() for t in load_file(str(out / "alignment.safetensors")).values())
+    meta = json.loads((out / "alignment.json").read_text())
+    assert {"layer_map", "head_map", "scores", "shared_tokens", "options"} <= set(meta)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "align" and manifest["wall_s"] >= 0 and manifest["peak_rss_mb"] > 0
+    assert set(manifest["inputs"]) == {"old", "new", "calib"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_pair_gives_identity_maps(tiny_models, tmp_path, family):
+    a = align(tiny_models[family], tiny_models[family], tmp_path / "al")
+    check_outputs(tmp_path / "al")
+    n = a.new.n_layers
+    assert a.layer_map == list(range(n))
+    assert torch.allclose(a.cka.diagonal(), torch.ones(n, dtype=a.cka.dtype), atol=1e-6)
+    assert torch.allclose(a.transfer, torch.eye(a.new.hidden), atol=1e-4)
+    for la in a.layers.values():
+        assert la.head_map == list(range(a.new.n_heads))
+        assert torch.equal(la.mlp_map, torch.arange(a.new.intermediate))
+
+
+def test_permuted_rotated_upgrade_is_recovered_exactly(known_upgrade, tmp_path):
+    old, new, truth = known_upgrade
+    a = align(old, new, tmp_path / "al")
+    assert a.layer_map == truth.layer_map
+    assert torch.allclose(a.transfer, truth.rotation, atol=1e-4)
+    for la in a.layers.values():
+        assert la.head_map == truth.head_map
+        assert la.mlp_map.tolist() == truth.neuron_map
+
+
+def test_inserted_layers_are_skipped_by_the_layer_map(deeper_upgrade, tmp_path):
+    old, new, order = deeper_upgrade
+    assert align(old, new, tmp_path / "al").layer_map == order
+
+
+def test_shallower_new_model_maps_a_subset_of_old_layers_in_order(deeper_upgrade, tmp_path):
+    old, new, order = deeper_upgrade
+    a = align(new, old, tmp_path / "al")  # 6 → 4 layers
+    assert a.layer_map == [j for j, i in enumerate(order) if i is not None]
+
+
+@pytest.mark.parametrize(("old_kw", "new_kw"), [
+    (dict(hidden=32), dict(hidden=48)),                              # hidden up
+    (dict(hidden=48), dict(hidden=32)),                              # hidden down
+    (dict(intermediate=64), dict(intermediate=96)),                  # MLP up
+    (dict(layers=3, heads=4, kv_heads=4), dict(layers=2, heads=8, kv_heads=2)),  # MHA → GQA, fewer layers
+    (dict(heads=8, kv_heads=2, head_dim=4), dict(heads=4, kv_heads=4, head_dim=16)),  # heads down, head dim up
+])
+def test_shape_changing_upgrades_give_complete_alignments(tmp_path, old_kw, new_kw):
+    old, new = shape_pair(tmp_path, old_kw, new_kw)
+    a = align(old, new, tmp_path / "al", "--cka", "minibatch")
+    check_outputs(tmp_path / "al")
+    assert len(a.layer_map) == a.new.n_layers
+    for j, la in a.layers.items():
+        assert len(la.head_map) == a.new.n_heads and la.mlp_map.shape == (a.new.intermediate,)
+        assert la.head_sim.shape == (a.new.n_heads, a.old.n_heads)
+
+
+def test_rerun_is_skipped_and_deterministic(tiny_models, tmp_path):
+    out = tmp_path / "al"
+    align(tiny_models["llama"], tiny_models["qwen2"], out)
+    first = (out / "alignment.safetensors").read_bytes()
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    align(tiny_models["llama"], tiny_models["qwen2"], out)
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp  # up to date: not redone
+    align(tiny_models["llama"], tiny_models["qwen2"], out, "--force")
+    assert (out / "alignment.safetensors").read_bytes() == first
+
+
+@pytest.mark.parametrize("mapper", ["first", "last", "uniform"])
+def test_ablation_layer_mappers_are_selectable(deeper_upgrade, tmp_path, mapper):
+    old, new, _ = deeper_upgrade
+    a = align(old, new, tmp_path / "al", "--layer-map", mapper)
+    assert a.info["options"]["layer_map"] == mapper

@@ -1,0 +1,51 @@
+"""Head matching recovers known permutations and copes with shape changes."""
+
+import copy
+
+import pytest
+import torch
+
+from loramigrate.align.head_match import assign_hungarian, head_similarity, kv_group_map
+from loramigrate.arch import layer_weights, model_spec
+from tests.helpers import build, permute_and_rotate, randomize_norms, tiny_config
+
+
+def test_permuted_rotated_heads_are_recovered_exactly():
+    old = build(tiny_config("llama", hidden=64, layers=2, heads=8, kv_heads=2, intermediate=96, init=0.2))
+    randomize_norms(old)
+    new = copy.deepcopy(old)
+    truth = permute_and_rotate(new, seed=5)
+    so, sn = model_spec(old), model_spec(new)
+    for layer in range(2):
+        sim = head_similarity(layer_weights(old, so, layer), layer_weights(new, sn, layer), truth.rotation)
+        assert assign_hungarian(sim) == truth.head_map
+        assert torch.allclose(sim[torch.arange(8), torch.tensor(truth.head_map)], torch.ones(8), atol=1e-4)
+
+
+def test_without_norm_folding_the_circuits_no_longer_match():
+    old = build(tiny_config("llama", hidden=64, layers=1, heads=8, kv_heads=2, intermediate=96, init=0.2))
+    randomize_norms(old, spread=2.0)
+    new = copy.deepcopy(old)
+    truth = permute_and_rotate(new, seed=5)
+    so, sn = model_spec(old), model_spec(new)
+    sim = head_similarity(layer_weights(old, so, 0, fold_norms=False), layer_weights(new, sn, 0), truth.rotation)
+    assert sim[torch.arange(8), torch.tensor(truth.head_map)].min() < 0.999
+
+
+@pytest.mark.parametrize(("old_kw", "new_kw"), [
+    (dict(heads=4, kv_heads=4), dict(heads=8, kv_heads=2)),   # MHA → GQA, heads up
+    (dict(heads=8, kv_heads=2), dict(heads=4, kv_heads=4)),   # GQA → MHA, heads down
+    (dict(heads=4, kv_heads=2), dict(heads=4, kv_heads=2, head_dim=16, hidden=48)),  # head dim + hidden change
+])
+def test_shape_changes_give_valid_one_to_one_maps(old_kw, new_kw):
+    old = build(tiny_config("llama", **{"hidden": 32, **old_kw}))
+    new = build(tiny_config("llama", **{"hidden": 32, **new_kw}), seed=1)
+    so, sn = model_spec(old), model_spec(new)
+    t = torch.linalg.qr(torch.randn(sn.hidden, so.hidden))[0]
+    sim = head_similarity(layer_weights(old, so, 0), layer_weights(new, sn, 0), t)
+    assert sim.shape == (sn.n_heads, so.n_heads) and torch.isfinite(sim).all()
+    mapping = assign_hungarian(sim)
+    sources = [h for h in mapping if h is not None]
+    assert len(sources) == min(so.n_heads, sn.n_heads) == len(set(sources))
+    kv = kv_group_map(mapping, so.group_size, sn.group_size, sn.n_kv_heads)
+    assert len(kv) == sn.n_kv_heads and all(g is None or 0 <= g < so.n_kv_heads for g in kv)
