@@ -90,6 +90,7 @@ def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu") -> 
     Raises:
         ArtifactError: the files cannot be read (corrupt weights, missing shards, offline hub id).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -99,7 +100,7 @@ def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu") -> 
     kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
     try:
         model = cls.from_pretrained(ref.source, dtype=resolve_dtype(dtype, dev), **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"cannot load model {ref.path}: {first}") from e
     log.info("loaded %s (%s, %.1fM params)", ref.path, type(model).__name__,

@@ -24,12 +24,12 @@ WORDS = (
 FAMILIES = ("llama", "qwen2", "mistral", "gemma", "neox", "bert")
 
 
-def make_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+def make_tokenizer(words: list[str], pad: str = "[PAD]", unk: str = "[UNK]") -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate([pad, unk, *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad)
 
 
 def tiny_config(family: str, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,

@@ -79,7 +79,7 @@ def test_shape_changing_upgrades_give_complete_alignments(tmp_path, old_kw, new_
     a = align(old, new, tmp_path / "al", "--cka", "minibatch")
     check_outputs(tmp_path / "al")
     assert len(a.layer_map) == a.new.n_layers
-    for j, la in a.layers.items():
+    for la in a.layers.values():
         assert len(la.head_map) == a.new.n_heads and la.mlp_map.shape == (a.new.intermediate,)
         assert la.head_sim.shape == (a.new.n_heads, a.old.n_heads)
 

@@ -1,0 +1,135 @@
+"""Convert the testbed's raw downloads into HF model directories and JSONL task files, once.
+
+Called by scripts/fetch_testbed.sh (which downloads the wheels); each step is skipped when its
+output exists. Run by hand:  python scripts/convert_testbed.py --cache ~/.cache/loramigrate [--qwen]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import torch
+
+
+def onnx_bert_to_hf(onnx_path: Path, tokenizer_dir: Path, out: Path) -> None:
+    """fp32 sentence-transformers BERT ONNX → HF BertModel (TESTBED §7.1).
+
+    Linear weights are anonymous MatMul initializers; each is named after the bias of the Add
+    that consumes its MatMul's output.
+    """
+    import onnx
+    from onnx import numpy_helper
+    from transformers import BertConfig, BertModel
+
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    prefix = "model.0.auto_model."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: torch.from_numpy(v.copy())
+             for k, v in inits.items() if not k.startswith("onnx::")}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        adds = [n for n in consumers.get(node.output[0], []) if n.op_type == "Add"]
+        bias = next((i for a in adds for i in a.input if i.endswith(".bias")), None)
+        if bias is None:
+            continue
+        name = bias[len(prefix):] if bias.startswith(prefix) else bias
+        state[name.removesuffix(".bias") + ".weight"] = torch.from_numpy(inits[node.input[1]].T.copy())
+    n_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+    hidden = state["embeddings.word_embeddings.weight"].shape[1]
+    cfg = BertConfig(vocab_size=state["embeddings.word_embeddings.weight"].shape[0], hidden_size=hidden,
+                     num_hidden_layers=n_layers, num_attention_heads=12,
+                     intermediate_size=state["encoder.layer.0.intermediate.dense.weight"].shape[0],
+                     max_position_embeddings=state["embeddings.position_embeddings.weight"].shape[0])
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if "position_ids" not in m and "token_type_ids" not in m]
+    if missing or unexpected:
+        raise RuntimeError(f"ONNX conversion incomplete: missing {missing}, unexpected {unexpected}")
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tokenizer_dir / f).is_file():
+            shutil.copy(tokenizer_dir / f, out / f)
+
+
+def gguf_to_hf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF checkpoint once and save it as HF safetensors (TESTBED §7.3)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # otherwise save_pretrained refuses a "quantized" model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def bigbench_tasks(sdist: Path, data: Path, seed: int = 0) -> None:
+    """Extract arithmetic (3-digit addition) and multiemo sentiment as train/val/test JSONL."""
+    wanted = {"arithmetic/3_digit_addition/task.json": "arith3",
+              "multiemo/all_sentence_en/task.json": "multiemo"}
+    with tarfile.open(sdist) as tar:
+        for member in tar:
+            key = next((k for k in wanted if member.name.endswith("benchmark_tasks/" + k)), None)
+            if key is None:
+                continue
+            task = json.load(tar.extractfile(member))
+            rows = [_row(ex) for ex in task["examples"]]
+            random.Random(seed).shuffle(rows)
+            name = wanted[key]
+            n = len(rows)
+            splits = {"train": rows[: n * 8 // 10], "val": rows[n * 8 // 10: n * 9 // 10], "test": rows[n * 9 // 10:]}
+            for split, part in splits.items():
+                path = data / name / f"{split}.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("".join(json.dumps(r) + "\n" for r in part))
+
+
+def _row(ex: dict) -> dict:
+    if "target_scores" in ex:
+        label = max(ex["target_scores"], key=ex["target_scores"].get)
+        return {"text": ex["input"], "label": label}
+    target = ex["target"][0] if isinstance(ex["target"], list) else ex["target"]
+    return {"prompt": ex["input"] + " ", "completion": str(target)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--qwen", action="store_true", help="also convert the Qwen2.5-Coder 0.5B/1.5B GGUFs")
+    args = ap.parse_args()
+    raw, models, data = args.cache / "raw", args.cache / "models", args.cache / "data"
+    models.mkdir(parents=True, exist_ok=True)
+    steps = [
+        (models / "minilm-l3", lambda o: onnx_bert_to_hf(raw / "paraphrase-MiniLM-L3-v2.onnx", models / "minilm-l6", o)),
+        (models / "smollm2-135m", lambda o: gguf_to_hf(raw / "smollm2.gguf", o)),
+    ]
+    if args.qwen:
+        steps += [(models / "qwen2.5-coder-0.5b", lambda o: gguf_to_hf(raw / "qwen05.gguf", o)),
+                  (models / "qwen2.5-coder-1.5b", lambda o: gguf_to_hf(raw / "qwen15.gguf", o))]
+    for out, step in steps:
+        if (out / "config.json").is_file():
+            continue
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        step(tmp)
+        tmp.rename(out)
+        print(f"converted {out}")
+    if not (data / "multiemo" / "test.jsonl").is_file():
+        bigbench_tasks(raw / "bigbench-1.0.0.tar.gz", data)
+        print(f"extracted tasks into {data}")
+
+
+if __name__ == "__main__":
+    main()
