@@ -95,6 +95,8 @@ def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu") -> 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress is ours to draw
+    if not log.isEnabledFor(logging.DEBUG):
+        hf_logging.set_verbosity_error()  # e.g. load reports about an unused pooler
     dev = resolve_device(device)
     cls = AutoModelForCausalLM if _is_causal_lm(ref) else AutoModel
     kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
