@@ -32,6 +32,8 @@ class LayerAlignment:
         kv_map: per new kv group, the old kv group or None.
         mlp_map: (I_new,) old neuron per new neuron, -1 for none.
         mlp_score: (I_new,) similarity of each matched neuron pair (0 where unmatched).
+        transfer: (d_new, d_old) map of the residual stream entering this pair of blocks, when
+            fitted on calibration activations (``--per-layer-transfer``); else None.
     """
 
     old_layer: int
@@ -40,6 +42,7 @@ class LayerAlignment:
     kv_map: list[int | None]
     mlp_map: torch.Tensor
     mlp_score: torch.Tensor
+    transfer: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,18 @@ def save_alignment(a: Alignment, out_dir: Path) -> None:
         tensors[f"layers.{j}.kv_map"] = _none_to_neg(la.kv_map)
         tensors[f"layers.{j}.mlp_map"] = la.mlp_map.long().contiguous()
         tensors[f"layers.{j}.mlp_score"] = la.mlp_score.float().contiguous()
+        if la.transfer is not None:
+            tensors[f"layers.{j}.transfer"] = la.transfer.float().contiguous()
     save_file(tensors, str(out_dir / TENSORS))
     meta = {
         "old": asdict(a.old),
         "new": asdict(a.new),
         "layer_map": a.layer_map,
-        "head_map": {str(j): la.head_map for j, la in a.layers.items()},
-        "kv_map": {str(j): la.kv_map for j, la in a.layers.items()},
+        # every new layer is listed; layers without a source layer have no source heads either
+        "head_map": {str(j): a.layers[j].head_map if j in a.layers else [None] * a.new.n_heads
+                     for j in range(a.new.n_layers)},
+        "kv_map": {str(j): a.layers[j].kv_map if j in a.layers else [None] * a.new.n_kv_heads
+                   for j in range(a.new.n_layers)},
         **a.info,
     }
     (out_dir / META).write_text(json.dumps(meta, indent=2))
@@ -109,6 +117,7 @@ def load_alignment(align_dir: Path) -> Alignment:
             kv_map=_neg_to_none(t[f"layers.{j}.kv_map"]),
             mlp_map=t[f"layers.{j}.mlp_map"],
             mlp_score=t[f"layers.{j}.mlp_score"],
+            transfer=t.get(f"layers.{j}.transfer"),
         )
         for j, src in enumerate(layer_map) if src is not None
     }

@@ -55,6 +55,11 @@ def hash_input(path: str | Path) -> str:
     return f"hub:{path}"
 
 
+def hash_inputs(inputs: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """``{name: {"path", "sha256"}}`` for a stage's inputs; computed once per run (models are GBs)."""
+    return {k: {"path": str(v), "sha256": hash_input(v)} for k, v in inputs.items()}
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -93,7 +98,7 @@ class StageRun:
 
     stage: str
     config: dict[str, Any]
-    inputs: dict[str, str]
+    inputs: dict[str, dict[str, str]]  # from hash_inputs
     tmp_dir: Path
     started: float = field(default_factory=time.time)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -104,7 +109,7 @@ class StageRun:
             "version": __version__,
             "config": self.config,
             "config_hash": config_hash(self.config),
-            "inputs": {k: {"path": str(v), "sha256": hash_input(v)} for k, v in self.inputs.items()},
+            "inputs": self.inputs,
             "command": sys.argv,
             "started": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
             "finished": datetime.now(timezone.utc).isoformat(),
@@ -125,8 +130,11 @@ def prepare_output(out_dir: Path) -> None:
         raise ArtifactError(f"cannot create {out_dir}: {parent} is a file")
 
 
-def is_up_to_date(out_dir: Path, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str]) -> bool:
-    """True when ``out_dir`` is a finished run of this stage with the same config and input content."""
+def is_up_to_date(out_dir: Path, stage: str, config: Mapping[str, Any], inputs: Mapping[str, dict[str, str]]) -> bool:
+    """True when ``out_dir`` is a finished run of this stage with the same config and input content.
+
+    ``inputs`` comes from ``hash_inputs``.
+    """
     if not (out_dir / MANIFEST).is_file():
         return False
     try:
@@ -136,14 +144,12 @@ def is_up_to_date(out_dir: Path, stage: str, config: Mapping[str, Any], inputs: 
     if m.get("config_hash") != config_hash(dict(config)):
         return False
     recorded = m.get("inputs", {})
-    return set(recorded) == set(inputs) and all(
-        recorded[k].get("sha256") == hash_input(v) for k, v in inputs.items()
-    )
+    return set(recorded) == set(inputs) and all(recorded[k].get("sha256") == v["sha256"] for k, v in inputs.items())
 
 
 @contextlib.contextmanager
 def stage_output(
-    out_dir: Path, stage: str, config: dict[str, Any], inputs: dict[str, str]
+    out_dir: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, str]]
 ) -> Iterator[StageRun]:
     """Yield a run whose ``tmp_dir`` receives the outputs; publish it atomically on success.
 

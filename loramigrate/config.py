@@ -34,5 +34,6 @@ class AlignConfig(_Config):
     mlp_match: Literal["auto", "hungarian", "mutual_best", "identity"] = "auto"
     transfer: Literal["procrustes", "lstsq"] = "procrustes"
     ridge: float = Field(1e-4, ge=0)  # lstsq only, relative to the mean embedding energy
+    per_layer_transfer: bool = False  # also fit T per mapped layer on activations: one more forward pass
     load: ModelLoadConfig = ModelLoadConfig()
     seed: int = 0

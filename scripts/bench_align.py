@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from loramigrate.align.activations import calibration_batches, layer_outputs, read_calibration
+from loramigrate.align.activations import calibration_batches, read_calibration, residual_streams
 from loramigrate.align.core import align_models
 from loramigrate.align.head_match import head_similarity
 from loramigrate.arch import LayerWeights, layer_weights
@@ -58,8 +58,8 @@ def compute_ratio(cfg: AlignConfig) -> dict:
 
     def forwards():
         for enc_old, enc_new in batches:
-            layer_outputs(old, enc_old)
-            layer_outputs(new, enc_new)
+            residual_streams(old, enc_old)
+            residual_streams(new, enc_new)
 
     forwards()  # warm-up: first-call allocations are not the method's cost
     _, t_fwd = timed(forwards)

@@ -1,6 +1,7 @@
 """`loramigrate align` end to end on tiny models with known ground truth."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 from loramigrate.alignment import load_alignment
 from loramigrate.cli.main import app
 from tests.conftest import shape_pair
-from tests.helpers import FAMILIES
+from tests.helpers import FAMILIES, WORDS
 
 runner = CliRunner()
 
@@ -100,3 +101,15 @@ def test_ablation_layer_mappers_are_selectable(deeper_upgrade, tmp_path, mapper)
     old, new, _ = deeper_upgrade
     a = align(old, new, tmp_path / "al", "--layer-map", mapper)
     assert a.info["options"]["layer_map"] == mapper
+
+
+def test_per_layer_transfer_recovers_the_rotation_at_every_depth(known_upgrade, tmp_path):
+    old, new, truth = known_upgrade
+    rng = random.Random(0)  # text over the whole tiny vocabulary, so block-0 inputs span the space
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(" ".join(rng.choices(WORDS, k=40)) for _ in range(40)))
+    a = align(old, new, tmp_path / "al", "--per-layer-transfer", "--calib", str(calib))
+    for la in a.layers.values():
+        assert torch.allclose(la.transfer, truth.rotation, atol=1e-3)
+        assert la.head_map == truth.head_map and la.mlp_map.tolist() == truth.neuron_map
+    assert all(c > 0.999 for c in a.info["scores"]["layer_transfer_fit_cosine"].values())

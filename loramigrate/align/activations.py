@@ -77,11 +77,13 @@ def _encode(tok, texts: list[str], seq_len: int) -> dict:
 
 
 @torch.no_grad()
-def layer_outputs(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Hidden states after every block: (L, B, T, d) float32 on CPU. Skips the LM head."""
+def residual_streams(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The residual stream entering every block and leaving the last: (L + 1, B, T, d), float32 on
+    CPU; index i is the input of block i, index i + 1 its output (the last one after the final
+    norm, as transformers returns it). Skips the LM head."""
     device = next(model.parameters()).device
     out = model.base_model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
-    return torch.stack(out.hidden_states[1:]).float().cpu()
+    return torch.stack(out.hidden_states).float().cpu()
 
 
 def activation_rows(states: torch.Tensor, mask: torch.Tensor, pooled: bool, row_norm: bool) -> torch.Tensor:

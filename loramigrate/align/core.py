@@ -8,12 +8,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from loramigrate.align.activations import activation_rows, calibration_batches, layer_outputs
+from loramigrate.align.activations import activation_rows, calibration_batches, residual_streams
 from loramigrate.align.cka import make_cka
 from loramigrate.align.head_match import HEAD_MATCHERS, head_similarity, kv_group_map
 from loramigrate.align.layer_map import LAYER_MAPPERS
 from loramigrate.align.mlp_map import MLP_MATCHERS, neuron_similarity, resolve_mlp_matcher
-from loramigrate.align.transfer_matrix import TRANSFER_FITS, fit_quality, shared_tokens
+from loramigrate.align.transfer_matrix import TransferStats, shared_tokens
 from loramigrate.alignment import Alignment, LayerAlignment
 from loramigrate.arch import ModelSpec, input_embeddings, layer_weights, model_spec
 from loramigrate.config import AlignConfig
@@ -36,8 +36,8 @@ def layer_similarity(old: nn.Module, new: nn.Module, batches: Iterable[tuple[dic
                          new_spec.hidden, chunk, max_bytes)
     rows = 0
     for i, (enc_old, enc_new) in enumerate(batches):
-        x = activation_rows(layer_outputs(old, enc_old), enc_old["attention_mask"], pooled, row_norm)
-        y = activation_rows(layer_outputs(new, enc_new), enc_new["attention_mask"], pooled, row_norm)
+        x = activation_rows(residual_streams(old, enc_old)[1:], enc_old["attention_mask"], pooled, row_norm)
+        y = activation_rows(residual_streams(new, enc_new)[1:], enc_new["attention_mask"], pooled, row_norm)
         acc.update(x, y)
         rows += x.shape[1]
         progress("calibration", i + 1, total)
@@ -51,8 +51,9 @@ def fit_transfer(old: nn.Module, new: nn.Module, old_vocab: dict[str, int], new_
     """Fit T on the input embeddings of shared tokens; returns T and what to report about it."""
     e_old, e_new = input_embeddings(old), input_embeddings(new)
     ids_old, ids_new = shared_tokens(old_vocab, new_vocab, e_old.shape[0], e_new.shape[0])
-    x, y = e_old[ids_old], e_new[ids_new]
-    t = TRANSFER_FITS[method](x, y, ridge)
+    stats = TransferStats(e_old.shape[1], e_new.shape[1])
+    stats.update(e_old[ids_old], e_new[ids_new])
+    t, cosine = stats.fit(method, ridge)
     info = {
         "shared_tokens": {
             "count": len(ids_old),
@@ -61,29 +62,52 @@ def fit_transfer(old: nn.Module, new: nn.Module, old_vocab: dict[str, int], new_
             "coverage_old": round(len(ids_old) / max(len(old_vocab), 1), 4),
             "coverage_new": round(len(ids_new) / max(len(new_vocab), 1), 4),
         },
-        "transfer_r2": round(fit_quality(x, y, t), 4),
+        "transfer_fit_cosine": round(cosine, 4),
     }
     return t, info
 
 
+def fit_layer_transfers(old: nn.Module, new: nn.Module, batches: Iterable[tuple[dict, dict]], *,
+                        layer_map: list[int | None], pooled: bool, row_norm: bool, method: str, ridge: float,
+                        total: int, progress: ProgressFn = no_progress) -> dict[int, tuple[torch.Tensor, float]]:
+    """Per mapped pair (new j ← old i), T_j fitted on the residual streams entering the two blocks.
+
+    A second forward pass per model, because the layer map is known only after the CKA pass.
+    """
+    pairs = [(j, i) for j, i in enumerate(layer_map) if i is not None]
+    stats: dict[int, TransferStats] = {}
+    for n, (enc_old, enc_new) in enumerate(batches):
+        x = activation_rows(residual_streams(old, enc_old)[:-1], enc_old["attention_mask"], pooled, row_norm)
+        y = activation_rows(residual_streams(new, enc_new)[:-1], enc_new["attention_mask"], pooled, row_norm)
+        for j, i in pairs:
+            stats.setdefault(j, TransferStats(x.shape[-1], y.shape[-1])).update(x[i], y[j])
+        progress("layer transfer matrices", n + 1, total)
+    return {j: st.fit(method, ridge) for j, st in stats.items()}
+
+
 def match_layers(old: nn.Module, new: nn.Module, old_spec: ModelSpec, new_spec: ModelSpec,
                  layer_map: list[int | None], transfer: torch.Tensor, head_matcher: str, mlp_matcher: str,
+                 layer_transfers: dict[int, tuple[torch.Tensor, float]] | None = None,
                  progress: ProgressFn = no_progress) -> dict[int, LayerAlignment]:
-    """Head and neuron maps for every mapped (new layer ← old layer) pair."""
+    """Head and neuron maps for every mapped (new layer ← old layer) pair, compared through the
+    pair's own transfer matrix when ``layer_transfers`` has one, else through the global one."""
+    layer_transfers = layer_transfers or {}
     mapped = [(j, i) for j, i in enumerate(layer_map) if i is not None]
     mlp_name = resolve_mlp_matcher(mlp_matcher, old_spec.intermediate, new_spec.intermediate)
     result: dict[int, LayerAlignment] = {}
     for n, (j, i) in enumerate(mapped):
         w_old, w_new = layer_weights(old, old_spec, i), layer_weights(new, new_spec, j)
-        hsim = head_similarity(w_old, w_new, transfer)
+        t_layer = layer_transfers[j][0] if j in layer_transfers else None
+        t = transfer if t_layer is None else t_layer
+        hsim = head_similarity(w_old, w_new, t)
         hmap = HEAD_MATCHERS[head_matcher](hsim)
-        nsim = neuron_similarity(w_old, w_new, transfer)
+        nsim = neuron_similarity(w_old, w_new, t)
         nmap = MLP_MATCHERS[mlp_name](nsim)
         score = torch.where(nmap >= 0, nsim.gather(1, nmap.clamp_min(0)[:, None])[:, 0], torch.zeros(()))
         result[j] = LayerAlignment(
             old_layer=i, head_sim=hsim, head_map=hmap,
             kv_map=kv_group_map(hmap, old_spec.group_size, new_spec.group_size, new_spec.n_kv_heads),
-            mlp_map=nmap, mlp_score=score,
+            mlp_map=nmap, mlp_score=score, transfer=t_layer,
         )
         progress("heads and neurons", n + 1, len(mapped))
     return result
@@ -105,8 +129,12 @@ def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[s
     )
     layer_map = LAYER_MAPPERS[cfg.layer_map](cka)
     transfer, transfer_info = fit_transfer(old, new, old_vocab, new_vocab, cfg.transfer, cfg.ridge)
+    layer_transfers = fit_layer_transfers(
+        old, new, batches, layer_map=layer_map, pooled=not same_tokenizer, row_norm=cfg.row_norm,
+        method=cfg.transfer, ridge=cfg.ridge, total=len(batches), progress=progress,
+    ) if cfg.per_layer_transfer else {}
     layers = match_layers(old, new, old_spec, new_spec, layer_map, transfer, cfg.head_match, cfg.mlp_match,
-                          progress)
+                          layer_transfers, progress)
     mapped = [j for j, i in enumerate(layer_map) if i is not None]
     info = {
         "options": cfg.model_dump(),
@@ -123,6 +151,7 @@ def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[s
                                if bool((la.mlp_map >= 0).any()) else None for j, la in layers.items()},
             "mlp_matched_fraction": {str(j): round(float((la.mlp_map >= 0).float().mean()), 4)
                                      for j, la in layers.items()},
+            "layer_transfer_fit_cosine": {str(j): round(c, 4) for j, (_, c) in layer_transfers.items()},
         },
     }
     return Alignment(old=old_spec, new=new_spec, cka=cka, layer_map=layer_map, transfer=transfer,

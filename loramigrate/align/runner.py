@@ -10,7 +10,7 @@ import yaml
 from loramigrate.align.activations import default_calibration, read_calibration
 from loramigrate.align.core import align_models
 from loramigrate.alignment import save_alignment
-from loramigrate.artifacts import is_up_to_date, prepare_output, stage_output
+from loramigrate.artifacts import hash_inputs, is_up_to_date, prepare_output, stage_output
 from loramigrate.config import AlignConfig
 from loramigrate.models import load_model, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
@@ -20,14 +20,15 @@ log = logging.getLogger(__name__)
 STAGE = "align"
 
 
-def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> Path:
+def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False
+              ) -> Path:
     """Align ``cfg.old`` with ``cfg.new`` into ``out_dir``; a finished identical run is kept as is."""
     out_dir = Path(out_dir)
     old_ref, new_ref = resolve_model(cfg.old), resolve_model(cfg.new)
     calib_path = Path(cfg.calib) if cfg.calib else default_calibration()
     texts = read_calibration(calib_path)
     prepare_output(out_dir)
-    inputs = {"old": old_ref.path, "new": new_ref.path, "calib": str(calib_path)}
+    inputs = hash_inputs({"old": old_ref.path, "new": new_ref.path, "calib": str(calib_path)})
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping align (use --force to redo)", out_dir)

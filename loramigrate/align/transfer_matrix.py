@@ -28,18 +28,18 @@ def shared_tokens(old_vocab: Mapping[str, int], new_vocab: Mapping[str, int], n_
     return ids[:, 0], ids[:, 1]
 
 
-def fit_lstsq(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
-    """Ridge least squares T = argmin ‖x Tᵀ − y‖² + λ‖T‖², λ relative to the mean of diag(xᵀx)."""
-    x, y = x.double(), y.double()
-    gram = x.T @ x
-    lam = ridge * gram.diagonal().mean()
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    return torch.linalg.solve(gram + lam * eye, x.T @ y).T.float()
+def fit_lstsq(xtx: torch.Tensor, ytx: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """Ridge least squares T = argmin ‖x Tᵀ − y‖² + λ‖T‖², from xᵀx (d_old²) and yᵀx (d_new × d_old);
+    λ is relative to the mean of diag(xᵀx)."""
+    xtx = xtx.double()
+    lam = ridge * xtx.diagonal().mean()
+    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype)
+    return torch.linalg.solve(xtx + lam * eye, ytx.double().T).T.float()
 
 
-def fit_procrustes(x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+def fit_procrustes(xtx: torch.Tensor, ytx: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
     """(Semi-)orthogonal T = U Vᵀ from the SVD of yᵀx: rotates without rescaling any direction."""
-    u, _, vh = torch.linalg.svd(y.double().T @ x.double(), full_matrices=False)
+    u, _, vh = torch.linalg.svd(ytx.double(), full_matrices=False)
     return (u @ vh).float()
 
 
@@ -49,10 +49,31 @@ TRANSFER_FITS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Ten
 }
 
 
-def fit_quality(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> float:
-    """R² of the fit after one optimal global scale (the models differ in embedding norm)."""
-    pred = x.double() @ t.double().T
-    y = y.double()
-    scale = (pred * y).sum() / pred.pow(2).sum().clamp_min(1e-30)
-    resid = (scale * pred - y).pow(2).sum()
-    return float(1 - resid / (y - y.mean(0)).pow(2).sum().clamp_min(1e-30))
+def fit_cosine(t: torch.Tensor, xtx: torch.Tensor, ytx: torch.Tensor, yty_trace: float) -> float:
+    """Cosine between T·x and y over all rows, ⟨xTᵀ, y⟩ / (‖xTᵀ‖ ‖y‖), from the same statistics.
+
+    1 means a perfect fit up to one global scale (the models differ in activation norms).
+    """
+    t = t.double()
+    inner = (t * ytx.double()).sum()
+    pred_sq = ((t @ xtx.double()) * t).sum()
+    return float(inner / (pred_sq * yty_trace).clamp_min(1e-30).sqrt())
+
+
+class TransferStats:
+    """Streaming xᵀx, yᵀx and ‖y‖² (float64) for one transfer-matrix fit."""
+
+    def __init__(self, d_old: int, d_new: int) -> None:
+        self.xtx = torch.zeros(d_old, d_old, dtype=torch.float64)
+        self.ytx = torch.zeros(d_new, d_old, dtype=torch.float64)
+        self.yty = 0.0
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.double()
+        self.xtx += x.T @ x
+        self.ytx += y.T @ x
+        self.yty += float(y.pow(2).sum())
+
+    def fit(self, method: str, ridge: float) -> tuple[torch.Tensor, float]:
+        t = TRANSFER_FITS[method](self.xtx, self.ytx, ridge)
+        return t, fit_cosine(t, self.xtx, self.ytx, self.yty)

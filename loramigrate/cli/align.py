@@ -31,6 +31,8 @@ def align(
     head_match: Annotated[str, typer.Option(help="Head matcher: hungarian or identity.")] = "hungarian",
     mlp_match: Annotated[str, typer.Option(help="Neuron matcher: auto, hungarian, mutual_best or identity.")] = "auto",
     transfer: Annotated[str, typer.Option(help="Transfer matrix fit: procrustes or lstsq.")] = "procrustes",
+    per_layer_transfer: Annotated[bool, typer.Option(
+        "--per-layer-transfer", help="Also fit a transfer matrix per mapped layer on calibration activations.")] = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -43,7 +45,8 @@ def align(
     cfg = AlignConfig(
         old=old, new=new, calib=str(calib) if calib else None, max_tokens=max_tokens, seq_len=seq_len,
         batch_size=batch_size, cka=cka, layer_map=layer_map, head_match=head_match, mlp_match=mlp_match,
-        transfer=transfer, load=ModelLoadConfig(dtype=dtype, device=device), seed=seed,
+        transfer=transfer, per_layer_transfer=per_layer_transfer, seed=seed,
+        load=ModelLoadConfig(dtype=dtype, device=device),
     )
     with progress_bars() as progress:
         result = run_align(cfg, out, progress=progress, force=force)
