@@ -16,37 +16,54 @@ from pathlib import Path
 import torch
 
 
-def onnx_bert_to_hf(onnx_path: Path, tokenizer_dir: Path, out: Path) -> None:
-    """fp32 sentence-transformers BERT ONNX → HF BertModel (TESTBED §7.1).
+def onnx_bert_state(onnx_path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """HF BERT state dict from a sentence-transformers BERT ONNX graph (TESTBED §7.1, §7.2).
 
-    Linear weights are anonymous MatMul initializers; each is named after the bias of the Add
-    that consumes its MatMul's output.
+    Named initializers under ``prefix`` are biases, norms and embeddings. Linear weights are
+    anonymous MatMul inputs ([in, out]), named after the bias of the Add that consumes the MatMul's
+    output. Weight-only int8 tensors (``q`` --Cast--> --Mul(scale)-->) are dequantised exactly.
     """
     import onnx
     from onnx import numpy_helper
-    from transformers import BertConfig, BertModel
 
     graph = onnx.load(str(onnx_path)).graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    prefix = "model.0.auto_model."
-    state = {k[len(prefix):] if k.startswith(prefix) else k: torch.from_numpy(v.copy())
-             for k, v in inits.items() if not k.startswith("onnx::")}
+    state: dict[str, torch.Tensor] = {}
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.INT8:
+            continue
+        cast = consumers[init.name][0]
+        mul = consumers[cast.output[0]][0]
+        scale = values[next(x for x in mul.input if x != cast.output[0])]
+        values[mul.output[0]] = values[init.name].astype("float32") * scale
+        if init.name.startswith(prefix):  # named (embeddings); anonymous ones are MatMul weights
+            state[init.name[len(prefix):].removesuffix("_q")] = torch.from_numpy(values[mul.output[0]].copy())
+    for name, v in values.items():
+        if name.startswith(prefix) and v.dtype == "float32" and not name.endswith(("_scale", "_q")):
+            state[name[len(prefix):]] = torch.from_numpy(v.copy())
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
+        if node.op_type != "MatMul" or node.input[1] not in values:
             continue
         adds = [n for n in consumers.get(node.output[0], []) if n.op_type == "Add"]
         bias = next((i for a in adds for i in a.input if i.endswith(".bias")), None)
-        if bias is None:
-            continue
-        name = bias[len(prefix):] if bias.startswith(prefix) else bias
-        state[name.removesuffix(".bias") + ".weight"] = torch.from_numpy(inits[node.input[1]].T.copy())
+        if bias is not None:
+            key = bias[len(prefix):].removesuffix(".bias") + ".weight"
+            state[key] = torch.from_numpy(values[node.input[1]].T.copy())
+    return state
+
+
+def onnx_bert_to_hf(onnx_path: Path, prefix: str, tokenizer_dir: Path, out: Path) -> None:
+    """Save the ONNX BERT as an HF BertModel directory with the (shared) MiniLM tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    state = onnx_bert_state(onnx_path, prefix)
     n_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
-    hidden = state["embeddings.word_embeddings.weight"].shape[1]
-    cfg = BertConfig(vocab_size=state["embeddings.word_embeddings.weight"].shape[0], hidden_size=hidden,
+    cfg = BertConfig(vocab_size=state["embeddings.word_embeddings.weight"].shape[0],
+                     hidden_size=state["embeddings.word_embeddings.weight"].shape[1],
                      num_hidden_layers=n_layers, num_attention_heads=12,
                      intermediate_size=state["encoder.layer.0.intermediate.dense.weight"].shape[0],
                      max_position_embeddings=state["embeddings.position_embeddings.weight"].shape[0])
@@ -111,7 +128,10 @@ def main() -> None:
     raw, models, data = args.cache / "raw", args.cache / "models", args.cache / "data"
     models.mkdir(parents=True, exist_ok=True)
     steps = [
-        (models / "minilm-l3", lambda o: onnx_bert_to_hf(raw / "paraphrase-MiniLM-L3-v2.onnx", models / "minilm-l6", o)),
+        (models / "minilm-l3",
+         lambda o: onnx_bert_to_hf(raw / "paraphrase-MiniLM-L3-v2.onnx", "model.0.auto_model.", models / "minilm-l6", o)),
+        (models / "minilm-l6-int8",
+         lambda o: onnx_bert_to_hf(raw / "minilm-l6-int8.onnx", "inner.", models / "minilm-l6", o)),
         (models / "smollm2-135m", lambda o: gguf_to_hf(raw / "smollm2.gguf", o)),
     ]
     if args.qwen:

