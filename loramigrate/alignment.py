@@ -88,7 +88,8 @@ def save_alignment(a: Alignment, out_dir: Path) -> None:
                      for j in range(a.new.n_layers)},
         "kv_map": {str(j): a.layers[j].kv_map if j in a.layers else [None] * a.new.n_kv_heads
                    for j in range(a.new.n_layers)},
-        **a.info,
+        # wall times vary run to run: they belong in the manifest, not in the reproducible artifact
+        **{k: v for k, v in a.info.items() if k != "timings"},
     }
     (out_dir / META).write_text(json.dumps(meta, indent=2))
 

@@ -113,3 +113,11 @@ def test_per_layer_transfer_recovers_the_rotation_at_every_depth(known_upgrade, 
         assert torch.allclose(la.transfer, truth.rotation, atol=1e-3)
         assert la.head_map == truth.head_map and la.mlp_map.tolist() == truth.neuron_map
     assert all(c > 0.999 for c in a.info["scores"]["layer_transfer_fit_cosine"].values())
+
+
+def test_same_seed_gives_byte_identical_artifacts(tiny_models, tmp_path):
+    for out in ("a", "b"):
+        align(tiny_models["gemma"], tiny_models["llama"], tmp_path / out)
+    for name in ("alignment.safetensors", "alignment.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert "phase_wall_s" in json.loads((tmp_path / "a" / "manifest.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import torch
@@ -117,6 +118,7 @@ def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[s
                  progress: ProgressFn = no_progress) -> Alignment:
     """Compute the full alignment of two loaded base models."""
     torch.manual_seed(cfg.seed)
+    clock = _Clock()
     old_spec, new_spec = model_spec(old), model_spec(new)
     old_vocab, new_vocab = old_tok.get_vocab(), new_tok.get_vocab()
     batches = list(calibration_batches(texts, old_tok, new_tok, cfg.seq_len, cfg.max_tokens, cfg.batch_size))
@@ -127,14 +129,18 @@ def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[s
         row_norm=cfg.row_norm, estimator=cfg.cka, chunk=cfg.cka_chunk, max_bytes=cfg.cka_max_mb << 20,
         total=len(batches), progress=progress,
     )
+    clock.lap("cka_s")
     layer_map = LAYER_MAPPERS[cfg.layer_map](cka)
     transfer, transfer_info = fit_transfer(old, new, old_vocab, new_vocab, cfg.transfer, cfg.ridge)
+    clock.lap("embedding_transfer_s")
     layer_transfers = fit_layer_transfers(
         old, new, batches, layer_map=layer_map, pooled=not same_tokenizer, row_norm=cfg.row_norm,
         method=cfg.transfer, ridge=cfg.ridge, total=len(batches), progress=progress,
     ) if cfg.per_layer_transfer else {}
+    clock.lap("layer_transfer_s")
     layers = match_layers(old, new, old_spec, new_spec, layer_map, transfer, cfg.head_match, cfg.mlp_match,
                           layer_transfers, progress)
+    clock.lap("head_and_neuron_matching_s")
     mapped = [j for j, i in enumerate(layer_map) if i is not None]
     info = {
         "options": cfg.model_dump(),
@@ -143,6 +149,7 @@ def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[s
                         "same_tokenizer": same_tokenizer, "cka_estimator": estimator,
                         "outliers": "row_norm" if cfg.row_norm else "centre only"},
         **transfer_info,
+        "timings": clock.laps,
         "scores": {
             "layer_path_cka": [round(float(cka[layer_map[j], j]), 4) for j in mapped],
             "head_similarity": {str(j): round(_matched_mean(la.head_sim, la.head_map), 4)
@@ -161,3 +168,16 @@ def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[s
 def _matched_mean(sim: torch.Tensor, mapping: list[int | None]) -> float:
     vals = [float(sim[j, i]) for j, i in enumerate(mapping) if i is not None]
     return sum(vals) / len(vals) if vals else 0.0
+
+
+class _Clock:
+    """Wall time per phase, reported in alignment.json."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now

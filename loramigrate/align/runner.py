@@ -41,5 +41,6 @@ def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progres
         alignment = align_models(old, new, old_tok, new_tok, texts, cfg, progress)
         save_alignment(alignment, run.tmp_dir)
         plot_cka(alignment.cka, alignment.layer_map, run.tmp_dir / "cka.png")
+        run.extra["phase_wall_s"] = alignment.info["timings"]
         run.extra["summary"] = {"layer_map": alignment.layer_map, **alignment.info["scores"]}
     return out_dir
