@@ -22,6 +22,7 @@ from loramigrate.errors import ArtifactError
 from loramigrate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
+_ROWS = 8192  # embedding rows per float64 chunk
 
 
 def layer_similarity(old: nn.Module, new: nn.Module, batches: Iterable[tuple[dict, dict]], *,
@@ -53,7 +54,8 @@ def fit_transfer(old: nn.Module, new: nn.Module, old_vocab: dict[str, int], new_
     e_old, e_new = input_embeddings(old), input_embeddings(new)
     ids_old, ids_new = shared_tokens(old_vocab, new_vocab, e_old.shape[0], e_new.shape[0])
     stats = TransferStats(e_old.shape[1], e_new.shape[1])
-    stats.update(e_old[ids_old], e_new[ids_new])
+    for rows_old, rows_new in zip(ids_old.split(_ROWS), ids_new.split(_ROWS), strict=True):
+        stats.update(e_old[rows_old], e_new[rows_new])  # chunks: float64 copies of 150k-token tables add GBs
     t, cosine = stats.fit(method, ridge)
     info = {
         "shared_tokens": {
