@@ -31,6 +31,7 @@ class AlignConfig(_Config):
     row_norm: bool = True  # unit-length rows: massive-activation tokens do not dominate CKA
     layer_map: Literal["cka_dp", "uniform", "first", "last"] = "cka_dp"
     head_match: Literal["hungarian", "identity"] = "hungarian"
+    head_sketch: int | None = Field(None, ge=8)  # random projection of hidden for head circuits: faster, approximate
     mlp_match: Literal["auto", "hungarian", "mutual_best", "identity"] = "auto"
     transfer: Literal["procrustes", "lstsq"] = "procrustes"
     ridge: float = Field(1e-4, ge=0)  # lstsq only, relative to the mean embedding energy

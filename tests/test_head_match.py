@@ -22,6 +22,15 @@ def test_permuted_rotated_heads_are_recovered_exactly():
         assert torch.allclose(sim[torch.arange(8), torch.tensor(truth.head_map)], torch.ones(8), atol=1e-4)
 
 
+def test_sketched_circuits_still_recover_a_clear_permutation():
+    old = build(tiny_config("llama", hidden=64, layers=1, heads=8, kv_heads=2, intermediate=96, init=0.2))
+    new = copy.deepcopy(old)
+    truth = permute_and_rotate(new, seed=7)
+    so, sn = model_spec(old), model_spec(new)
+    sim = head_similarity(layer_weights(old, so, 0), layer_weights(new, sn, 0), truth.rotation, sketch=32)
+    assert assign_hungarian(sim) == truth.head_map
+
+
 def test_without_norm_folding_the_circuits_no_longer_match():
     old = build(tiny_config("llama", hidden=64, layers=1, heads=8, kv_heads=2, intermediate=96, init=0.2))
     randomize_norms(old, spread=2.0)

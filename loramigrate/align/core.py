@@ -90,8 +90,8 @@ def fit_layer_transfers(old: nn.Module, new: nn.Module, batches: Iterable[tuple[
 
 def match_layers(old: nn.Module, new: nn.Module, old_spec: ModelSpec, new_spec: ModelSpec,
                  layer_map: list[int | None], transfer: torch.Tensor, head_matcher: str, mlp_matcher: str,
-                 layer_transfers: dict[int, tuple[torch.Tensor, float]] | None = None,
-                 progress: ProgressFn = no_progress) -> dict[int, LayerAlignment]:
+                 layer_transfers: dict[int, tuple[torch.Tensor, float]] | None = None, head_sketch: int | None = None,
+                 seed: int = 0, progress: ProgressFn = no_progress) -> dict[int, LayerAlignment]:
     """Head and neuron maps for every mapped (new layer ← old layer) pair, compared through the
     pair's own transfer matrix when ``layer_transfers`` has one, else through the global one."""
     layer_transfers = layer_transfers or {}
@@ -102,7 +102,7 @@ def match_layers(old: nn.Module, new: nn.Module, old_spec: ModelSpec, new_spec: 
         w_old, w_new = layer_weights(old, old_spec, i), layer_weights(new, new_spec, j)
         t_layer = layer_transfers[j][0] if j in layer_transfers else None
         t = transfer if t_layer is None else t_layer
-        hsim = head_similarity(w_old, w_new, t)
+        hsim = head_similarity(w_old, w_new, t, sketch=head_sketch, seed=seed)
         hmap = HEAD_MATCHERS[head_matcher](hsim)
         nsim = neuron_similarity(w_old, w_new, t)
         nmap = MLP_MATCHERS[mlp_name](nsim)
@@ -141,7 +141,7 @@ def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[s
     ) if cfg.per_layer_transfer else {}
     clock.lap("layer_transfer_s")
     layers = match_layers(old, new, old_spec, new_spec, layer_map, transfer, cfg.head_match, cfg.mlp_match,
-                          layer_transfers, progress)
+                          layer_transfers, cfg.head_sketch, cfg.seed, progress)
     clock.lap("head_and_neuron_matching_s")
     mapped = [j for j, i in enumerate(layer_map) if i is not None]
     info = {

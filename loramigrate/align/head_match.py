@@ -18,52 +18,65 @@ from loramigrate.arch import LayerWeights
 HeadMap = list[int | None]
 
 
-def _expand_groups(g: torch.Tensor, n_old: int, n_new: int) -> torch.Tensor:
-    """(G_old, G_new, …) kv-group blocks → (H_old, H_new, …) by each query head's group."""
-    rep_old, rep_new = n_old // g.shape[0], n_new // g.shape[1]
-    return g.repeat_interleave(rep_old, 0).repeat_interleave(rep_new, 1)
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per head pair a_i b_jᵀ as one matmul: (I, ha, d), (J, hb, d) → (I, ha, J, hb)."""
+    return (a.reshape(-1, a.shape[-1]) @ b.reshape(-1, b.shape[-1]).T).view(a.shape[0], a.shape[1], b.shape[0], b.shape[1])
+
+
+def _circuit_inner(g_heads: torch.Tensor, g_groups: torch.Tensor) -> torch.Tensor:
+    """Σ_ab G_heads[i,a,j,b] · G_groups[g(i),a,g(j),b] → (H_old, H_new), kv groups broadcast, not copied."""
+    h_old, hd_o, h_new, hd_n = g_heads.shape
+    g_old, g_new = g_groups.shape[0], g_groups.shape[2]
+    heads = g_heads.view(g_old, h_old // g_old, hd_o, g_new, h_new // g_new, hd_n)
+    groups = g_groups.view(g_old, 1, hd_o, g_new, 1, hd_n)
+    return (heads * groups).sum((2, 5)).reshape(h_old, h_new)
+
+
+def _self_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """‖a_hᵀ b_g(h)‖²_F per head as ⟨a aᵀ, b bᵀ⟩ (head_dim²). a: (H, hd, d), b: (G, hd, d)."""
+    aa = (a @ a.transpose(1, 2)).view(b.shape[0], a.shape[0] // b.shape[0], a.shape[1], a.shape[1])
+    bb = (b @ b.transpose(1, 2))[:, None]
+    return (aa * bb).sum((2, 3)).reshape(-1)
 
 
 def _cosine(inner: torch.Tensor, norm_old: torch.Tensor, norm_new: torch.Tensor) -> torch.Tensor:
     return inner / (norm_old[:, None] * norm_new[None, :]).sqrt().clamp_min(1e-30)
 
 
-def _self_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """‖aᵀ b‖²_F per head as ⟨a aᵀ, b bᵀ⟩ (head_dim × head_dim). a, b: (H, hd, d)."""
-    return torch.einsum("hab,hab->h", a @ a.transpose(1, 2), b @ b.transpose(1, 2))
+def _sketch(dim: int, size: int | None, seed: int) -> torch.Tensor | None:
+    if size is None or size >= dim:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, size, generator=g) / size**0.5
 
 
-def head_similarity(old: LayerWeights, new: LayerWeights, transfer: torch.Tensor) -> torch.Tensor:
+def head_similarity(old: LayerWeights, new: LayerWeights, transfer: torch.Tensor, sketch: int | None = None,
+                    seed: int = 0) -> torch.Tensor:
     """Mean of QK and OV circuit cosines for every (new head, old head): (H_new, H_old).
 
     Args:
         old, new: head-split weights of the mapped layers (see ``LayerWeights``).
         transfer: T (d_new, d_old) with h_new ≈ T h_old.
+        sketch: project the hidden dimension onto this many random directions first (seeded):
+            8× less work at 512 for hidden 4096, at the price of approximate cosines.
     """
     # float32 is plenty for cosines and halves the cost of the (H·hd)² × hidden products.
     t = transfer.float()
-    q_o, k_o, v_o, o_o = (w.float() for w in (old.q, old.k, old.v, old.o))
-    q_n, k_n, v_n = (w.float() @ t for w in (new.q, new.k, new.v))  # new inputs in old coordinates
-    o_n = new.o.float()
-    o_ot = o_o @ t.T  # old head outputs in new coordinates: (H_old, hd_old, d_new)
-    h_old, h_new = q_o.shape[0], q_n.shape[0]
+    s_in, s_out = _sketch(t.shape[1], sketch, seed), _sketch(t.shape[0], sketch, seed + 1)
+    t_in = t if s_in is None else t @ s_in  # new inputs → (sketched) old coordinates
+    t_out = t.T if s_out is None else t.T @ s_out  # old outputs → (sketched) new coordinates
 
-    g_q = torch.einsum("iad,jbd->ijab", q_o, q_n)
-    g_k = _expand_groups(torch.einsum("iad,jbd->ijab", k_o, k_n), h_old, h_new)
-    qk = _cosine((g_q * g_k).sum((2, 3)),
-                 _self_inner(q_o, _expand_groups_heads(k_o, h_old)),
-                 _self_inner(q_n, _expand_groups_heads(k_n, h_new)))
+    def old_in(w: torch.Tensor) -> torch.Tensor:
+        return w.float() if s_in is None else w.float() @ s_in
 
-    g_o = torch.einsum("iad,jbd->ijab", o_ot, o_n)
-    g_v = _expand_groups(torch.einsum("iad,jbd->ijab", v_o, v_n), h_old, h_new)
-    ov = _cosine((g_o * g_v).sum((2, 3)),
-                 _self_inner(o_ot, _expand_groups_heads(v_o, h_old)),
-                 _self_inner(o_n, _expand_groups_heads(v_n, h_new)))
+    q_o, k_o, v_o = old_in(old.q), old_in(old.k), old_in(old.v)
+    q_n, k_n, v_n = (w.float() @ t_in for w in (new.q, new.k, new.v))
+    o_o = old.o.float() @ t_out
+    o_n = new.o.float() if s_out is None else new.o.float() @ s_out
+
+    qk = _cosine(_circuit_inner(_cross(q_o, q_n), _cross(k_o, k_n)), _self_inner(q_o, k_o), _self_inner(q_n, k_n))
+    ov = _cosine(_circuit_inner(_cross(o_o, o_n), _cross(v_o, v_n)), _self_inner(o_o, v_o), _self_inner(o_n, v_n))
     return ((qk + ov) / 2).T
-
-
-def _expand_groups_heads(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
-    return kv.repeat_interleave(n_heads // kv.shape[0], 0)
 
 
 def assign_hungarian(sim: torch.Tensor) -> HeadMap:
