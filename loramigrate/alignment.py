@@ -32,6 +32,8 @@ class LayerAlignment:
         kv_map: per new kv group, the old kv group or None.
         mlp_map: (I_new,) old neuron per new neuron, -1 for none.
         mlp_score: (I_new,) similarity of each matched neuron pair (0 where unmatched).
+        q_map, k_map, v_map: (H_new, hd_new, hd_old) per new query head, the map from its source
+            head's (q) or source kv group's (k, v) coordinates to its own; zeros without a source.
         transfer: (d_new, d_old) map of the residual stream entering this pair of blocks, when
             fitted on calibration activations (``--per-layer-transfer``); else None.
     """
@@ -42,7 +44,22 @@ class LayerAlignment:
     kv_map: list[int | None]
     mlp_map: torch.Tensor
     mlp_score: torch.Tensor
+    q_map: torch.Tensor
+    k_map: torch.Tensor
+    v_map: torch.Tensor
     transfer: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What transfer needs of a base model, so that it never reloads the old one.
+
+    norms (L, 2, hidden): pre-norm scales before attention and MLP (ones for post-norm models);
+    weight_norms (L, 7): Frobenius norm of each projection in ``arch.ROLES`` order (0 if absent).
+    """
+
+    norms: torch.Tensor
+    weight_norms: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,8 @@ class Alignment:
     layer_map: list[int | None]
     transfer: torch.Tensor
     layers: dict[int, LayerAlignment]
+    old_profile: ModelProfile
+    new_profile: ModelProfile
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,12 +89,17 @@ def _neg_to_none(t: torch.Tensor) -> list[int | None]:
 def save_alignment(a: Alignment, out_dir: Path) -> None:
     tensors = {"cka": a.cka.double().contiguous(), "transfer": a.transfer.float().contiguous(),
                "layer_map": _none_to_neg(a.layer_map)}
+    for side, prof in (("old", a.old_profile), ("new", a.new_profile)):
+        tensors[f"{side}.norms"] = prof.norms.float().contiguous()
+        tensors[f"{side}.weight_norms"] = prof.weight_norms.float().contiguous()
     for j, la in a.layers.items():
         tensors[f"layers.{j}.head_sim"] = la.head_sim.float().contiguous()
         tensors[f"layers.{j}.head_map"] = _none_to_neg(la.head_map)
         tensors[f"layers.{j}.kv_map"] = _none_to_neg(la.kv_map)
         tensors[f"layers.{j}.mlp_map"] = la.mlp_map.long().contiguous()
         tensors[f"layers.{j}.mlp_score"] = la.mlp_score.float().contiguous()
+        for role in ("q", "k", "v"):
+            tensors[f"layers.{j}.{role}_map"] = getattr(la, f"{role}_map").float().contiguous()
         if la.transfer is not None:
             tensors[f"layers.{j}.transfer"] = la.transfer.float().contiguous()
     save_file(tensors, str(out_dir / TENSORS))
@@ -118,10 +142,16 @@ def load_alignment(align_dir: Path) -> Alignment:
             kv_map=_neg_to_none(t[f"layers.{j}.kv_map"]),
             mlp_map=t[f"layers.{j}.mlp_map"],
             mlp_score=t[f"layers.{j}.mlp_score"],
+            q_map=t[f"layers.{j}.q_map"],
+            k_map=t[f"layers.{j}.k_map"],
+            v_map=t[f"layers.{j}.v_map"],
             transfer=t.get(f"layers.{j}.transfer"),
         )
         for j, src in enumerate(layer_map) if src is not None
     }
     info = {k: v for k, v in meta.items() if k not in ("old", "new", "layer_map", "head_map", "kv_map")}
+    profiles = {side: ModelProfile(norms=t[f"{side}.norms"], weight_norms=t[f"{side}.weight_norms"])
+                for side in ("old", "new")}
     return Alignment(old=ModelSpec(**meta["old"]), new=ModelSpec(**meta["new"]), cka=t["cka"],
-                     layer_map=layer_map, transfer=t["transfer"], layers=layers, info=info)
+                     layer_map=layer_map, transfer=t["transfer"], layers=layers, old_profile=profiles["old"],
+                     new_profile=profiles["new"], info=info)

@@ -60,6 +60,8 @@ class ModelSpec:
     norms: dict[str, str] = field(default_factory=dict)
     embed_path: str = ""
     tied_embeddings: bool = False
+    rope_theta: float | None = None  # None: no rotary embeddings (absolute or relative positions)
+    rotary_dim: int | None = None  # leading head dims that rotate (partial rotary in GPT-NeoX)
 
     @property
     def fused_qkv(self) -> bool:
@@ -167,6 +169,9 @@ def model_spec(model: nn.Module) -> ModelSpec:
     norms = _find_paths(block, NORM_PATHS) if "input_layernorm" in dict(block.named_modules()) else {}
     embed = model.get_input_embeddings()
     embed_path = next(n for n, m in model.named_modules() if m is embed)
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if theta else None
     return ModelSpec(
         model_type=str(getattr(cfg, "model_type", type(model).__name__)),
         n_layers=n_layers,
@@ -181,6 +186,8 @@ def model_spec(model: nn.Module) -> ModelSpec:
         norms=norms,
         embed_path=embed_path,
         tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        rope_theta=float(theta) if theta else None,
+        rotary_dim=rotary_dim,
     )
 
 
@@ -241,6 +248,26 @@ def layer_weights(model: nn.Module, spec: ModelSpec, layer: int, fold_norms: boo
         gate = gate * g_mlp if gate is not None else None
     return LayerWeights(q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), o=o.contiguous(),
                         up=up, down=down, gate=gate)
+
+
+def model_profile(model: nn.Module, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """What transfer needs of a base model without loading it again.
+
+    Returns:
+        norms (L, 2, hidden): effective pre-norm scales in front of attention and MLP (ones when
+            post-norm); weight_norms (L, len(ROLES)): Frobenius norm of each projection (0 if absent).
+    """
+    norms = torch.ones(spec.n_layers, 2, spec.hidden)
+    weight_norms = torch.zeros(spec.n_layers, len(ROLES))
+    for i, block in enumerate(model.get_submodule(spec.layers_path)):
+        for k, key in enumerate(("attn_in", "mlp_in")):
+            if key in spec.norms:
+                norms[i, k] = norm_scale(block.get_submodule(spec.norms[key]), spec.hidden)
+        w = layer_weights(model, spec, i, fold_norms=False)
+        for r, role in enumerate(ROLES):
+            tensor = getattr(w, role)
+            weight_norms[i, r] = 0.0 if tensor is None else float(tensor.norm())
+    return norms, weight_norms
 
 
 def input_embeddings(model: nn.Module) -> torch.Tensor:

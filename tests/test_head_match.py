@@ -5,7 +5,13 @@ import copy
 import pytest
 import torch
 
-from loramigrate.align.head_match import assign_hungarian, head_similarity, kv_group_map
+from loramigrate.align.head_match import (
+    assign_hungarian,
+    head_similarity,
+    head_space_maps,
+    kv_group_map,
+    rope_dim_map,
+)
 from loramigrate.arch import layer_weights, model_spec
 from tests.helpers import build, permute_and_rotate, randomize_norms, tiny_config
 
@@ -58,3 +64,24 @@ def test_shape_changes_give_valid_one_to_one_maps(old_kw, new_kw):
     assert len(sources) == min(so.n_heads, sn.n_heads) == len(set(sources))
     kv = kv_group_map(mapping, so.group_size, sn.group_size, sn.n_kv_heads)
     assert len(kv) == sn.n_kv_heads and all(g is None or 0 <= g < so.n_kv_heads for g in kv)
+
+
+def test_rope_dim_map_keeps_pairs_and_frequencies():
+    assert torch.equal(rope_dim_map(8, 8, 8, 8, 1e4, 1e4), torch.eye(8))
+    m = rope_dim_map(64, 128, 64, 128, 1e6, 1e6)  # Qwen2.5-Coder 0.5B → 1.5B
+    for i in range(32):
+        assert m[2 * i, i] == 1 and m[2 * i + 64, i + 32] == 1
+    assert m.sum() == 64 and m.sum(0).max() == 1 and m.sum(1).max() == 1
+    shrink = rope_dim_map(128, 64, 128, 64, 1e6, 1e6)
+    assert torch.equal(shrink, m.T)
+
+
+def test_head_space_maps_are_identity_on_a_function_preserving_upgrade():
+    old = build(tiny_config("llama", hidden=64, layers=1, heads=8, kv_heads=2, intermediate=96, init=0.2))
+    randomize_norms(old)
+    new = copy.deepcopy(old)
+    truth = permute_and_rotate(new, seed=2)
+    so, sn = model_spec(old), model_spec(new)
+    maps = head_space_maps(layer_weights(old, so, 0), layer_weights(new, sn, 0), truth.rotation, truth.head_map, so, sn)
+    for role in ("q", "k", "v"):
+        assert torch.allclose(maps[role], torch.eye(8).expand(8, 8, 8), atol=1e-4), role

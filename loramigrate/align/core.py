@@ -11,12 +11,12 @@ from torch import nn
 
 from loramigrate.align.activations import activation_rows, calibration_batches, residual_streams
 from loramigrate.align.cka import make_cka
-from loramigrate.align.head_match import HEAD_MATCHERS, head_similarity, kv_group_map
+from loramigrate.align.head_match import HEAD_MATCHERS, head_similarity, head_space_maps, kv_group_map
 from loramigrate.align.layer_map import LAYER_MAPPERS
 from loramigrate.align.mlp_map import MLP_MATCHERS, neuron_similarity, resolve_mlp_matcher
 from loramigrate.align.transfer_matrix import TransferStats, shared_tokens
-from loramigrate.alignment import Alignment, LayerAlignment
-from loramigrate.arch import ModelSpec, input_embeddings, layer_weights, model_spec
+from loramigrate.alignment import Alignment, LayerAlignment, ModelProfile
+from loramigrate.arch import ModelSpec, input_embeddings, layer_weights, model_profile, model_spec
 from loramigrate.config import AlignConfig
 from loramigrate.errors import ArtifactError
 from loramigrate.progress import ProgressFn, no_progress
@@ -107,10 +107,11 @@ def match_layers(old: nn.Module, new: nn.Module, old_spec: ModelSpec, new_spec: 
         nsim = neuron_similarity(w_old, w_new, t)
         nmap = MLP_MATCHERS[mlp_name](nsim)
         score = torch.where(nmap >= 0, nsim.gather(1, nmap.clamp_min(0)[:, None])[:, 0], torch.zeros(()))
+        maps = head_space_maps(w_old, w_new, t, hmap, old_spec, new_spec)
         result[j] = LayerAlignment(
             old_layer=i, head_sim=hsim, head_map=hmap,
             kv_map=kv_group_map(hmap, old_spec.group_size, new_spec.group_size, new_spec.n_kv_heads),
-            mlp_map=nmap, mlp_score=score, transfer=t_layer,
+            mlp_map=nmap, mlp_score=score, q_map=maps["q"], k_map=maps["k"], v_map=maps["v"], transfer=t_layer,
         )
         progress("heads and neurons", n + 1, len(mapped))
     return result
@@ -163,8 +164,9 @@ def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[s
             "layer_transfer_fit_cosine": {str(j): round(c, 4) for j, (_, c) in layer_transfers.items()},
         },
     }
+    old_profile, new_profile = (ModelProfile(*model_profile(m, sp)) for m, sp in ((old, old_spec), (new, new_spec)))
     return Alignment(old=old_spec, new=new_spec, cka=cka, layer_map=layer_map, transfer=transfer,
-                     layers=layers, info=info)
+                     layers=layers, old_profile=old_profile, new_profile=new_profile, info=info)
 
 
 def _matched_mean(sim: torch.Tensor, mapping: list[int | None]) -> float:

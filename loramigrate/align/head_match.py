@@ -8,12 +8,13 @@ blocks are formed, never a hidden × hidden matrix per head pair.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from loramigrate.arch import LayerWeights
+from loramigrate.arch import LayerWeights, ModelSpec
 
 HeadMap = list[int | None]
 
@@ -109,3 +110,61 @@ def kv_group_map(head_map: HeadMap, old_group_size: int, new_group_size: int, n_
                    if head_map[h] is not None]
         result.append(max(sorted(set(sources)), key=sources.count) if sources else None)
     return result
+
+
+def rope_dim_map(hd_old: int, hd_new: int, rot_old: int, rot_new: int, theta_old: float, theta_new: float
+                 ) -> torch.Tensor:
+    """(hd_new, hd_old) 0/1 map of query/key coordinates that keeps rotary pairs and frequencies.
+
+    Rotary (rotate_half layout) pairs dims (i, i + rot/2) at frequency θ^(-2i/rot). Each new pair takes
+    the old pair of the nearest log-frequency (one-to-one), so mapped coordinates rotate exactly as
+    before; 64 → 128 dims at one θ sends old pair i to new pair 2i. Non-rotary tail dims map in order.
+    """
+    po, pn = rot_old // 2, rot_new // 2
+    log_fo = -2 * torch.arange(po, dtype=torch.float64) / rot_old * math.log(theta_old)
+    log_fn = -2 * torch.arange(pn, dtype=torch.float64) / rot_new * math.log(theta_new)
+    rows, cols = linear_sum_assignment((log_fn[:, None] - log_fo[None, :]).abs().numpy())
+    m = torch.zeros(hd_new, hd_old)
+    for i_new, i_old in zip(rows.tolist(), cols.tolist(), strict=True):
+        m[i_new, i_old] = 1.0
+        m[i_new + pn, i_old + po] = 1.0
+    for k in range(min(hd_new - rot_new, hd_old - rot_old)):
+        m[rot_new + k, rot_old + k] = 1.0
+    return m
+
+
+def procrustes_map(new_rows: torch.Tensor, old_rows: torch.Tensor) -> torch.Tensor:
+    """(hd_new, hd_old) map with orthonormal rows or columns best taking old head coordinates to new.
+
+    ``new_rows`` (hd_new, d) and ``old_rows`` (hd_old, d) are head weights in the same input space.
+    """
+    u, _, vh = torch.linalg.svd(new_rows.double() @ old_rows.double().T, full_matrices=False)
+    return (u @ vh).float()
+
+
+def head_space_maps(old: LayerWeights, new: LayerWeights, transfer: torch.Tensor, head_map: HeadMap,
+                    old_spec: ModelSpec, new_spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Per NEW query head, the map from its source head's coordinates to its own: (H_new, hd_new, hd_old)
+    for q, k and v (k and v between the two heads' kv groups). Zeros where a head has no source.
+
+    With rotary embeddings q/k use ``rope_dim_map`` (any other mixing would break positions); v, and
+    q/k without rotary embeddings, use an orthogonal Procrustes fit of the head weights through T.
+    """
+    t = transfer.float()
+    hd_o, hd_n = old_spec.head_dim, new_spec.head_dim
+    rope = None
+    if old_spec.rope_theta and new_spec.rope_theta:
+        rope = rope_dim_map(hd_o, hd_n, old_spec.rotary_dim or hd_o, new_spec.rotary_dim or hd_n,
+                            old_spec.rope_theta, new_spec.rope_theta)
+    maps = {role: torch.zeros(new_spec.n_heads, hd_n, hd_o) for role in ("q", "k", "v")}
+    for h_new, h_old in enumerate(head_map):
+        if h_old is None:
+            continue
+        g_new, g_old = h_new // new_spec.group_size, h_old // old_spec.group_size
+        pairs = {"q": (new.q[h_new], old.q[h_old]), "k": (new.k[g_new], old.k[g_old]), "v": (new.v[g_new], old.v[g_old])}
+        for role, (w_new, w_old) in pairs.items():
+            if rope is not None and role in ("q", "k"):
+                maps[role][h_new] = rope
+            else:
+                maps[role][h_new] = procrustes_map(w_new.float() @ t, w_old.float())
+    return maps
