@@ -55,7 +55,7 @@ class ModelProfile:
     """What transfer needs of a base model, so that it never reloads the old one.
 
     norms (L, 2, hidden): pre-norm scales before attention and MLP (ones for post-norm models);
-    weight_norms (L, 7): Frobenius norm of each projection in ``arch.ROLES`` order (0 if absent).
+    weight_norms (L, 7): Frobenius norm of each projection, norm scale folded in, ``arch.ROLES`` order.
     """
 
     norms: torch.Tensor

@@ -255,7 +255,8 @@ def model_profile(model: nn.Module, spec: ModelSpec) -> tuple[torch.Tensor, torc
 
     Returns:
         norms (L, 2, hidden): effective pre-norm scales in front of attention and MLP (ones when
-            post-norm); weight_norms (L, len(ROLES)): Frobenius norm of each projection (0 if absent).
+            post-norm); weight_norms (L, len(ROLES)): Frobenius norm of each projection with its norm
+            scale folded in (0 if absent), so update sizes compare across differently scaled norms.
     """
     norms = torch.ones(spec.n_layers, 2, spec.hidden)
     weight_norms = torch.zeros(spec.n_layers, len(ROLES))
@@ -263,7 +264,7 @@ def model_profile(model: nn.Module, spec: ModelSpec) -> tuple[torch.Tensor, torc
         for k, key in enumerate(("attn_in", "mlp_in")):
             if key in spec.norms:
                 norms[i, k] = norm_scale(block.get_submodule(spec.norms[key]), spec.hidden)
-        w = layer_weights(model, spec, i, fold_norms=False)
+        w = layer_weights(model, spec, i)
         for r, role in enumerate(ROLES):
             tensor = getattr(w, role)
             weight_norms[i, r] = 0.0 if tensor is None else float(tensor.norm())

@@ -38,3 +38,16 @@ class AlignConfig(_Config):
     per_layer_transfer: bool = False  # also fit T per mapped layer on activations: one more forward pass
     load: ModelLoadConfig = ModelLoadConfig()
     seed: int = 0
+
+
+class TransferConfig(_Config):
+    """Options of the transfer stage (one adapter, one alignment)."""
+
+    align: str  # align stage directory
+    adapter: str  # old PEFT LoRA directory
+    rank: int | Literal["auto"] | None = None  # None: each module keeps its rank; auto: keep `energy`
+    energy: float = Field(0.99, gt=0, le=1)  # fraction of Σσ² kept by rank=auto
+    keep_norm_ratio: bool = True  # rescale so ‖ΔW‖/‖W‖ matches the old module's
+    fill: Literal["none", "nearest", "interpolate"] = "none"  # new layers that have no source layer
+    verify: bool = True  # reload the output with stock PEFT on the new base and check every module
+    load: ModelLoadConfig = ModelLoadConfig()

@@ -172,3 +172,20 @@ def insert_layers(model, positions: list[int], seed: int = 0, scale: float = 0.3
             state[f"{layers_path}{j}.{k}"] = w
     new.load_state_dict(state)
     return new.eval(), order
+
+
+def make_lora(model_dir: Path, out: Path, targets: list[str], r: int = 4, alpha: float = 8, seed: int = 0,
+              **lora_kw) -> Path:
+    """A real PEFT LoRA directory for the model in ``model_dir``, with non-zero A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **lora_kw)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(out)
+    return out

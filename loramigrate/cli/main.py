@@ -8,6 +8,8 @@ from loramigrate import __version__
 from loramigrate.cli._ui import setup_logging
 from loramigrate.cli.align import EXAMPLES as ALIGN_EXAMPLES
 from loramigrate.cli.align import align
+from loramigrate.cli.transfer import EXAMPLES as TRANSFER_EXAMPLES
+from loramigrate.cli.transfer import transfer
 
 app = typer.Typer(
     name="loramigrate",
@@ -36,3 +38,4 @@ def main(
 
 
 app.command(epilog=ALIGN_EXAMPLES)(align)
+app.command(epilog=TRANSFER_EXAMPLES)(transfer)

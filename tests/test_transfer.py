@@ -1,0 +1,115 @@
+"""`loramigrate transfer`: properties the maths can prove, on tiny models with known ground truth."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from loramigrate.adapters import read_adapter
+from loramigrate.cli.main import app
+from loramigrate.transfer import refactor
+from tests.conftest import shape_pair
+from tests.helpers import make_lora
+
+runner = CliRunner()
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def cli(*args):
+    result = runner.invoke(app, ["-q", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip()
+
+
+def deltas(adapter_dir):
+    a = read_adapter(adapter_dir)
+    return {name: a.scale(name) * m.b @ m.a for name, m in a.modules.items()}
+
+
+def logits(base_dir, adapter_dir, ids):
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def aligned_upgrade(known_upgrade, tmp_path_factory):
+    old, new, truth = known_upgrade
+    out = tmp_path_factory.mktemp("al") / "align"
+    cli("align", "--old", old, "--new", new, "-o", out)
+    return old, new, truth, out
+
+
+@pytest.mark.parametrize("lora_kw", [
+    {"targets": ALL},
+    {"targets": ["q_proj", "v_proj"], "r": 8},
+    {"targets": ALL, "use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 3.0}},
+], ids=["all-modules", "qv-r8", "rslora-patterns"])
+def test_function_preserving_upgrade_gives_the_same_logits(aligned_upgrade, tmp_path, lora_kw):
+    old, new, _, align_dir = aligned_upgrade
+    adapter = make_lora(old, tmp_path / "lora", **lora_kw)
+    out = tmp_path / "transfer"
+    cli("transfer", "--align", align_dir, "--adapter", adapter, "-o", out)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    want, got = logits(old, adapter, ids), logits(new, out, ids)
+    base = transformers.AutoModelForCausalLM.from_pretrained(old)
+    with torch.no_grad():
+        effect = (want - base(ids).logits).abs().max()
+    assert effect > 1e-2  # the adapter does something measurable
+    assert (want - got).abs().max() < 1e-3 * max(1.0, float(want.abs().max()))
+
+
+def test_identity_upgrade_reproduces_every_delta(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    cli("align", "--old", model, "--new", model, "-o", tmp_path / "align")
+    adapter = make_lora(model, tmp_path / "lora", targets=ALL, r=4, use_rslora=True)
+    cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "-o", tmp_path / "t")
+    before, after = deltas(adapter), deltas(tmp_path / "t")
+    assert set(before) == set(after)
+    for name in before:
+        assert torch.allclose(before[name], after[name], atol=1e-5), name
+    config = json.loads((tmp_path / "t" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(model) and config["use_rslora"] is True
+
+
+def test_refactor_is_exact_at_full_rank_and_auto_keeps_the_energy():
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(40, 6, generator=g), torch.randn(6, 30, generator=g)
+    b2, a2, kept = refactor(b, a, rank=6)
+    assert torch.allclose(b2 @ a2, b @ a, atol=1e-4) and kept == pytest.approx(1.0)
+    s = torch.linalg.svdvals(b @ a)
+    b3, a3, kept = refactor(b, a, energy=0.9)
+    k = b3.shape[1]
+    assert kept >= 0.9 and float(s[: k - 1].pow(2).sum() / s.pow(2).sum()) < 0.9
+    assert torch.allclose(torch.linalg.norm(b3.T @ b3), torch.linalg.norm(a3 @ a3.T), rtol=1e-4)  # balanced
+
+
+@pytest.mark.parametrize("fill", ["none", "nearest", "interpolate"])
+def test_deeper_new_model_fills_new_layers_by_policy(deeper_upgrade, tmp_path, fill):
+    old, new, order = deeper_upgrade
+    cli("align", "--old", old, "--new", new, "-o", tmp_path / "align")
+    adapter = make_lora(old, tmp_path / "lora", targets=["q_proj", "down_proj"])
+    cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "--fill", fill, "-o", tmp_path / "t")
+    report = json.loads((tmp_path / "t" / "transfer_report.json").read_text())["modules"]
+    layers = {r["layer"] for r in report}
+    inserted = {j for j, i in enumerate(order) if i is None}
+    assert layers == (set(range(len(order))) - inserted if fill == "none" else set(range(len(order))))
+    assert all(r["fill"].startswith(fill) for r in report if r["layer"] in inserted)
+
+
+@pytest.mark.parametrize(("old_kw", "new_kw"), [
+    (dict(heads=4, kv_heads=4, layers=3), dict(heads=8, kv_heads=2, layers=2)),   # MHA → GQA, heads up, layers down
+    (dict(heads=8, kv_heads=2, head_dim=4), dict(heads=4, kv_heads=4, head_dim=16, hidden=48)),  # heads down, dims up
+    (dict(intermediate=64), dict(intermediate=96, layers=3)),                     # MLP and layers up
+])
+def test_shape_changing_upgrades_give_loadable_nonzero_adapters(tmp_path, old_kw, new_kw):
+    old, new = shape_pair(tmp_path, old_kw, new_kw)
+    cli("align", "--old", old, "--new", new, "-o", tmp_path / "align")
+    adapter = make_lora(old, tmp_path / "lora", targets=ALL)
+    cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "--rank", "auto", "-o", tmp_path / "t")
+    for name, d in deltas(tmp_path / "t").items():  # verify already reloaded it with stock PEFT
+        assert torch.isfinite(d).all() and d.norm() > 0, name
