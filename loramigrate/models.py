@@ -84,14 +84,16 @@ def _is_causal_lm(ref: ModelRef) -> bool:
     return any(a.endswith("ForCausalLM") for a in archs)
 
 
-def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu") -> nn.Module:
-    """Load a model in eval mode: causal LMs with their LM head, encoders as the bare model.
+def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num_labels: int | None = None
+               ) -> nn.Module:
+    """Load a model in eval mode: causal LMs with their LM head, encoders as the bare model, or with
+    a sequence-classification head of ``num_labels`` classes when given.
 
     Raises:
         ArtifactError: the files cannot be read (corrupt weights, missing shards, offline hub id).
     """
     from safetensors import SafetensorError
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress is ours to draw
@@ -99,7 +101,9 @@ def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu") -> 
         hf_logging.set_verbosity_error()  # e.g. load reports about an unused pooler
     dev = resolve_device(device)
     cls = AutoModelForCausalLM if _is_causal_lm(ref) else AutoModel
-    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    kwargs: dict = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    if num_labels is not None:
+        cls, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels
     try:
         model = cls.from_pretrained(ref.source, dtype=resolve_dtype(dtype, dev), **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:

@@ -8,6 +8,8 @@ from loramigrate import __version__
 from loramigrate.cli._ui import setup_logging
 from loramigrate.cli.align import EXAMPLES as ALIGN_EXAMPLES
 from loramigrate.cli.align import align
+from loramigrate.cli.evaluate import EXAMPLES as EVAL_EXAMPLES
+from loramigrate.cli.evaluate import evaluate
 from loramigrate.cli.transfer import EXAMPLES as TRANSFER_EXAMPLES
 from loramigrate.cli.transfer import transfer
 
@@ -39,3 +41,4 @@ def main(
 
 app.command(epilog=ALIGN_EXAMPLES)(align)
 app.command(epilog=TRANSFER_EXAMPLES)(transfer)
+app.command("eval", epilog=EVAL_EXAMPLES)(evaluate)

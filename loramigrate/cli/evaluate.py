@@ -1,0 +1,79 @@
+"""`loramigrate eval`: task metrics of a base with and without adapters, with negative flips."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from loramigrate.cli._options import DeviceOpt, DtypeOpt
+from loramigrate.cli._ui import handle_errors, progress_bars
+
+EXAMPLES = """
+Examples:
+
+  loramigrate eval --base models/new --adapter runs/pair/sql/transfer --data test.jsonl
+
+  loramigrate eval --base models/new --adapter runs/pair/sql/transfer --adapter runs/pair/sql/final \\
+      --data test.jsonl --reference-base models/old --reference-adapter adapters/sql --json eval.json
+"""
+
+
+def _table(rows: list, reference) -> Table:
+    metric = rows[0].metric if rows else "score"
+    table = Table(title=f"{metric} (higher is better) and loss")
+    for col in ("model", "n", "loss", metric, "negative flips"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in ([reference] if reference else []) + rows:
+        flips = "reference" if r is reference else ("" if r.negative_flips is None else str(r.negative_flips))
+        table.add_row(r.name, str(r.n), f"{r.loss:.4f}", f"{r.score:.4f}", flips)
+    return table
+
+
+@handle_errors
+def evaluate(
+    base: Annotated[str, typer.Option(help="Base model: HF directory, .gguf file or hub id.")],
+    data: Annotated[Path, typer.Option(help="JSONL: prompt/completion (generation) or text/label (classification).")],
+    adapter: Annotated[list[Path] | None, typer.Option(help="PEFT adapter directory; repeat for several.")] = None,
+    reference_base: Annotated[str | None, typer.Option(help="Old base for negative flips.")] = None,
+    reference_adapter: Annotated[Path | None, typer.Option(help="Old adapter, with --reference-base.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use the first N examples.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 16,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Evaluate a base alone and with each adapter; prints the comparison table on stdout."""
+    from loramigrate.adapters import CONFIG
+    from loramigrate.config import ModelLoadConfig
+    from loramigrate.errors import ArtifactError, ConfigError
+    from loramigrate.evaluate import evaluate_pairs, read_task, with_flips
+    from loramigrate.models import resolve_model
+
+    load = ModelLoadConfig(dtype=dtype, device=device)
+    task = read_task(data, limit)
+    resolve_model(base)
+    adapters = [str(a) for a in adapter or []]
+    for a in adapters + ([str(reference_adapter)] if reference_adapter else []):
+        if not (Path(a) / CONFIG).is_file():
+            raise ArtifactError(f"{a} is not a PEFT adapter directory (no {CONFIG})")
+    if (reference_base is None) != (reference_adapter is None):
+        raise ConfigError("--reference-base and --reference-adapter go together")
+    with progress_bars() as progress:
+        reference = None
+        if reference_base:
+            ref_rows = evaluate_pairs(reference_base, [str(reference_adapter)], task, batch_size, load, progress,
+                                      include_base=False)
+            if not ref_rows:
+                raise ArtifactError(f"{reference_adapter} does not load on {reference_base}")
+            reference = ref_rows[0]
+        rows = evaluate_pairs(base, adapters, task, batch_size, load, progress)
+    if reference is not None:
+        rows = with_flips(rows, reference)
+    Console().print(_table(rows, reference))
+    if json_out:
+        payload = {"data": str(data), "base": base, "results": [r.summary() for r in rows],
+                   "reference": reference.summary() if reference else None}
+        json_out.write_text(json.dumps(payload, indent=2))

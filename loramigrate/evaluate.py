@@ -1,0 +1,195 @@
+"""Task metrics of base + adapter pairs, and the comparison a migration report needs.
+
+Data is JSONL: ``{"prompt", "completion"}`` rows (causal LMs: loss on completion tokens, exact match
+of greedy decoding) or ``{"text", "label"}`` rows (sequence classification: loss and accuracy, labels
+indexed in sorted order, the convention the classification head was trained with).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loramigrate.errors import ArtifactError, ConfigError
+from loramigrate.progress import ProgressFn, no_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str  # "generation" or "classification"
+    rows: list[dict]
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    name: str
+    n: int
+    loss: float
+    metric: str
+    score: float
+    correct: list[bool]
+    negative_flips: int | None = None  # examples the reference got right and this one gets wrong
+
+    def summary(self) -> dict:
+        out = {"name": self.name, "n": self.n, "loss": self.loss, self.metric: self.score}
+        if self.negative_flips is not None:
+            out["negative_flips"] = self.negative_flips
+        return out
+
+
+def read_task(path: str | Path, limit: int | None = None) -> Task:
+    """Read and validate a task file.
+
+    Raises:
+        ArtifactError: missing/empty file, a line that is not JSON or lacks the fields (named by number).
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"cannot read data file {path}: {e.__class__.__name__}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ArtifactError(f"{path}:{n}: not valid JSON") from None
+        ok_gen = isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
+        ok_cls = isinstance(row, dict) and isinstance(row.get("text"), str) and "label" in row
+        if not (ok_gen or ok_cls):
+            raise ArtifactError(f"{path}:{n}: expected 'prompt' and 'completion' strings, or 'text' and 'label'")
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise ArtifactError(f"data file {path} holds no examples")
+    kinds = {"generation" if "prompt" in r else "classification" for r in rows}
+    if len(kinds) > 1:
+        raise ArtifactError(f"{path} mixes prompt/completion and text/label rows")
+    kind = kinds.pop()
+    labels = sorted({str(r["label"]) for r in rows}) if kind == "classification" else []
+    return Task(kind=kind, rows=rows, labels=labels)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generation_metrics(model: nn.Module, tok, rows: list[dict], batch_size: int,
+                       progress: ProgressFn = no_progress, label: str = "eval") -> tuple[float, list[bool]]:
+    """Mean loss over completion tokens and per-example exact match of greedy decoding."""
+    dev = _device(model)
+    total_loss, total_tokens, correct = 0.0, 0, []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        prompts = [tok(r["prompt"], add_special_tokens=True)["input_ids"] for r in batch]
+        targets = [tok(r["completion"], add_special_tokens=False)["input_ids"] for r in batch]
+        seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
+        width = max(map(len, seqs))
+        ids = torch.full((len(batch), width), tok.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            labels[i, len(p): len(s)] = torch.tensor(s[len(p):])
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(dev), ignore_index=-100, reduction="sum")
+        total_loss += float(loss)
+        total_tokens += int((labels[:, 1:] != -100).sum())
+        correct += _greedy_matches(model, tok, prompts, batch, max(map(len, targets)) + 2)
+        progress(label, min(start + batch_size, len(rows)), len(rows))
+    return total_loss / max(total_tokens, 1), correct
+
+
+def _greedy_matches(model: nn.Module, tok, prompts: list[list[int]], batch: list[dict], new_tokens: int) -> list[bool]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, so every prompt ends where generation starts
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    dev = _device(model)
+    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [t.strip().split("\n")[0].strip() == r["completion"].strip() for t, r in zip(texts, batch, strict=True)]
+
+
+@torch.no_grad()
+def classification_metrics(model: nn.Module, tok, rows: list[dict], labels: list[str], batch_size: int,
+                           progress: ProgressFn = no_progress, label: str = "eval") -> tuple[float, list[bool]]:
+    """Mean cross-entropy and per-example correctness of a sequence-classification model."""
+    dev = _device(model)
+    index = {name: i for i, name in enumerate(labels)}
+    total, correct = 0.0, []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        enc = tok([r["text"] for r in batch], return_tensors="pt", padding=True, truncation=True, max_length=256)
+        target = torch.tensor([index[str(r["label"])] for r in batch], device=dev)
+        logits = model(**{k: v.to(dev) for k, v in enc.items()}).logits.float()
+        if logits.shape[-1] != len(labels):
+            raise ConfigError(f"the model predicts {logits.shape[-1]} classes, the data has {len(labels)} labels")
+        total += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += (logits.argmax(-1) == target).tolist()
+        progress(label, min(start + batch_size, len(rows)), len(rows))
+    return total / len(rows), correct
+
+
+def negative_flips(reference: list[bool], candidate: list[bool]) -> int:
+    return sum(r and not c for r, c in zip(reference, candidate, strict=True))
+
+
+def _metrics(model: nn.Module, tok, task: Task, batch_size: int, progress: ProgressFn, label: str
+             ) -> tuple[float, list[bool]]:
+    if task.kind == "generation":
+        return generation_metrics(model, tok, task.rows, batch_size, progress, label)
+    return classification_metrics(model, tok, task.rows, task.labels, batch_size, progress, label)
+
+
+def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: int, load_cfg,
+                   progress: ProgressFn = no_progress, include_base: bool = True) -> list[EvalResult]:
+    """The base alone (``include_base``), then base + each adapter; the base is loaded once and
+    adapters are swapped in and out."""
+    from peft import PeftModel
+
+    from loramigrate.models import load_model, load_tokenizer, resolve_model
+
+    ref = resolve_model(base_ref)
+    tok = load_tokenizer(ref)
+    num_labels = len(task.labels) if task.kind == "classification" else None
+    base = load_model(ref, load_cfg.dtype, load_cfg.device, num_labels=num_labels)
+    metric = "exact_match" if task.kind == "generation" else "accuracy"
+    results = []
+    if include_base:
+        loss, correct = _metrics(base, tok, task, batch_size, progress, f"{Path(base_ref).name} alone")
+        results.append(EvalResult(f"{Path(base_ref).name} (no adapter)", len(correct), loss, metric,
+                                  sum(correct) / len(correct), correct))
+    for adapter in adapters:
+        try:
+            model = PeftModel.from_pretrained(base, adapter).eval()
+        except (RuntimeError, ValueError, KeyError) as e:
+            log.warning("%s does not load on %s: %s", adapter, base_ref, str(e).splitlines()[0][:200])
+            continue
+        loss, correct = _metrics(model, tok, task, batch_size, progress, Path(adapter).name)
+        name = f"{Path(base_ref).name} + {Path(adapter).name}"
+        results.append(EvalResult(name, len(correct), loss, metric, sum(correct) / len(correct), correct))
+        base = model.unload()
+    return results
+
+
+def with_flips(results: list[EvalResult], reference: EvalResult) -> list[EvalResult]:
+    return [EvalResult(r.name, r.n, r.loss, r.metric, r.score, r.correct, negative_flips(reference.correct, r.correct))
+            for r in results]

@@ -1,0 +1,81 @@
+"""`loramigrate eval`: metrics, the comparison table, negative flips and bad data."""
+
+import json
+import random
+
+import pytest
+import transformers
+from peft import LoraConfig, TaskType, get_peft_model
+from typer.testing import CliRunner
+
+from loramigrate.cli.main import app
+from loramigrate.errors import ArtifactError
+from loramigrate.evaluate import negative_flips, read_task
+from tests.helpers import WORDS, make_lora
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def gen_data(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "gen.jsonl"
+    rows = [{"prompt": " ".join(rng.choices(WORDS, k=5)), "completion": " " + rng.choice(WORDS)} for _ in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_generation_table_json_and_flips(tiny_models, tmp_path, gen_data):
+    model = tiny_models["llama"]
+    adapter = make_lora(model, tmp_path / "lora", targets=["q_proj", "v_proj"])
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["-q", "eval", "--base", str(model), "--adapter", str(adapter), "--data", str(gen_data),
+                                 "--reference-base", str(model), "--reference-adapter", str(adapter),
+                                 "--json", str(out), "--batch-size", "5"])
+    assert result.exit_code == 0, result.output
+    assert "exact_match" in result.stdout and "negative flips" in result.stdout
+    payload = json.loads(out.read_text())
+    base_row, adapted = payload["results"]
+    assert base_row["n"] == adapted["n"] == 12
+    assert adapted["negative_flips"] == 0  # same pair as the reference
+    assert adapted["loss"] == pytest.approx(payload["reference"]["loss"], rel=1e-5)
+    assert base_row["loss"] != pytest.approx(adapted["loss"], rel=1e-3)
+
+
+def test_classification_accuracy_with_a_head_in_modules_to_save(tiny_models, tmp_path):
+    model_dir = tiny_models["bert"]
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    peft_model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"]))
+    peft_model.save_pretrained(tmp_path / "cls")
+    data = tmp_path / "cls.jsonl"
+    rows = [{"text": w, "label": ["neg", "pos"][i % 2]} for i, w in enumerate(WORDS[:10])]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["-q", "eval", "--base", str(model_dir), "--adapter", str(tmp_path / "cls"),
+                                 "--data", str(data), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    assert [r["n"] for r in rows] == [10, 10] and all(0 <= r["accuracy"] <= 1 for r in rows)
+
+
+def test_negative_flips_counts_only_lost_examples():
+    assert negative_flips([True, True, False, False], [True, False, True, False]) == 1
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    ("", "holds no examples"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', "gen.jsonl:2"),
+    ('{"prompt": "a", "completion": "b"}\nnot json\n', "not valid JSON"),
+    ('{"prompt": "a", "completion": "b"}\n{"text": "a", "label": 1}\n', "mixes"),
+])
+def test_bad_data_lines_are_named(tmp_path, content, match):
+    path = tmp_path / "gen.jsonl"
+    path.write_text(content)
+    with pytest.raises(ArtifactError, match=match):
+        read_task(path)
+
+
+def test_eval_cli_bad_input(tiny_models, tmp_path, gen_data):
+    result = runner.invoke(app, ["eval", "--base", str(tiny_models["llama"]), "--adapter", str(tmp_path / "none"),
+                                 "--data", str(gen_data)])
+    assert result.exit_code == 1 and "not a PEFT adapter directory" in result.stderr and result.stdout == ""
