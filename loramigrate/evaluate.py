@@ -86,6 +86,26 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def completion_batch(tok, rows: list[dict], max_len: int | None = None
+                     ) -> tuple[list[list[int]], list[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Tokenise prompt + completion rows, right-padded; labels are -100 outside the completion.
+
+    Returns prompt ids, completion ids and (input_ids, attention_mask, labels), each (B, T).
+    """
+    prompts = [tok(r["prompt"], add_special_tokens=True)["input_ids"] for r in rows]
+    targets = [tok(r["completion"], add_special_tokens=False)["input_ids"] for r in rows]
+    seqs = [(p + t)[:max_len] if max_len else p + t for p, t in zip(prompts, targets, strict=True)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        labels[i, len(p): len(s)] = torch.tensor(s[len(p):])
+    return prompts, targets, (ids, mask, labels)
+
+
 @torch.no_grad()
 def generation_metrics(model: nn.Module, tok, rows: list[dict], batch_size: int,
                        progress: ProgressFn = no_progress, label: str = "eval") -> tuple[float, list[bool]]:
@@ -94,17 +114,7 @@ def generation_metrics(model: nn.Module, tok, rows: list[dict], batch_size: int,
     total_loss, total_tokens, correct = 0.0, 0, []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        prompts = [tok(r["prompt"], add_special_tokens=True)["input_ids"] for r in batch]
-        targets = [tok(r["completion"], add_special_tokens=False)["input_ids"] for r in batch]
-        seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
-        width = max(map(len, seqs))
-        ids = torch.full((len(batch), width), tok.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-            labels[i, len(p): len(s)] = torch.tensor(s[len(p):])
+        prompts, targets, (ids, mask, labels) = completion_batch(tok, batch)
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
         loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(dev), ignore_index=-100, reduction="sum")
         total_loss += float(loss)

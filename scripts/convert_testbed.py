@@ -113,11 +113,12 @@ def bigbench_tasks(sdist: Path, data: Path, seed: int = 0) -> None:
 
 
 def _row(ex: dict) -> dict:
-    if "target_scores" in ex:
-        label = max(ex["target_scores"], key=ex["target_scores"].get)
-        return {"text": ex["input"], "label": label}
-    target = ex["target"][0] if isinstance(ex["target"], list) else ex["target"]
-    return {"prompt": ex["input"] + " ", "completion": str(target)}
+    """Generation when the task gives a target string (arithmetic), else classification."""
+    if "target" in ex:
+        target = ex["target"][0] if isinstance(ex["target"], list) else ex["target"]
+        return {"prompt": ex["input"] + " ", "completion": str(target)}
+    label = max(ex["target_scores"], key=ex["target_scores"].get)
+    return {"text": ex["input"], "label": label}
 
 
 def main() -> None:
