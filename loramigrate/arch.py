@@ -60,6 +60,7 @@ class ModelSpec:
     norms: dict[str, str] = field(default_factory=dict)
     embed_path: str = ""
     tied_embeddings: bool = False
+    base_prefix: str = ""  # base_model_prefix: task wrappers (…ForSequenceClassification) nest the base under it
     rope_theta: float | None = None  # None: no rotary embeddings (absolute or relative positions)
     rotary_dim: int | None = None  # leading head dims that rotate (partial rotary in GPT-NeoX)
 
@@ -186,6 +187,7 @@ def model_spec(model: nn.Module) -> ModelSpec:
         norms=norms,
         embed_path=embed_path,
         tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        base_prefix=str(getattr(model, "base_model_prefix", "") or ""),
         rope_theta=float(theta) if theta else None,
         rotary_dim=rotary_dim,
     )

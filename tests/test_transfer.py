@@ -113,3 +113,20 @@ def test_shape_changing_upgrades_give_loadable_nonzero_adapters(tmp_path, old_kw
     cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "--rank", "auto", "-o", tmp_path / "t")
     for name, d in deltas(tmp_path / "t").items():  # verify already reloaded it with stock PEFT
         assert torch.isfinite(d).all() and d.norm() > 0, name
+
+
+def test_classification_head_in_modules_to_save_is_carried(tiny_models, tmp_path):
+    from peft import LoraConfig, TaskType, get_peft_model
+    from safetensors.torch import load_file
+
+    model = tiny_models["bert"]
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(model, num_labels=3)
+    peft_model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "cls")
+    cli("align", "--old", model, "--new", model, "-o", tmp_path / "align")
+    cli("transfer", "--align", tmp_path / "align", "--adapter", tmp_path / "cls", "-o", tmp_path / "t")
+    before = load_file(str(tmp_path / "cls" / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "t" / "adapter_model.safetensors"))
+    heads = [k for k in before if "classifier" in k]
+    assert heads and all(torch.allclose(before[k], after[k], atol=1e-5) for k in heads)

@@ -34,12 +34,22 @@ class Delta:
         return self.scale * float(((self.b.T @ self.b) * (a @ a.T)).sum().clamp_min(0).sqrt())
 
 
+def wrapper_prefix(spec: ModelSpec, module: str) -> str:
+    """``"bert."`` when ``module`` names the base inside a task wrapper but ``spec`` describes the
+    bare base (adapters trained with a classification head), else ``""``."""
+    wrapped = spec.base_prefix + "."
+    if spec.base_prefix and module.startswith(wrapped) and not spec.layers_path.startswith(wrapped):
+        return wrapped
+    return ""
+
+
 def locate(spec: ModelSpec, module: str) -> tuple[int, str]:
     """(layer, role) of a module name in a model described by ``spec``.
 
     Raises:
         IncompatibleModelsError: the module is not a projection the alignment knows.
     """
+    module = module.removeprefix(wrapper_prefix(spec, module))
     prefix = spec.layers_path + "."
     if module.startswith(prefix):
         layer, _, rest = module[len(prefix):].partition(".")
@@ -158,6 +168,9 @@ def transfer_adapter(adapter: LoraAdapter, alignment: Alignment, options: Transf
     by_source: dict[tuple[int, str], str] = {}
     for name in adapter.modules:
         by_source[locate(old, name)] = name
+    # keep a task wrapper's nesting (bert.encoder… → <new prefix>.encoder…)
+    wrapped = any(wrapper_prefix(old, name) for name in adapter.modules)
+    new_prefix = new.base_prefix + "." if wrapped and new.base_prefix else ""
     written: dict[tuple[int, str], Delta] = {}
     report: list[dict] = []
     for j, la in sorted(alignment.layers.items()):
@@ -172,12 +185,12 @@ def transfer_adapter(adapter: LoraAdapter, alignment: Alignment, options: Transf
             input_map = hidden_input_map(alignment, la, la.old_layer, j, slot) if slot is not None else t
             delta = Delta(map_rows(role, m.b, la, old, new, t), map_cols(role, m.a, la, old, new, input_map), scale)
             old_delta = Delta(m.b, m.a, scale)
-            row = {"module": new.module_name(j, role), "source": name, "source_layer": la.old_layer, "role": role,
-                   "fill": "mapped", "target_rank": m.rank}
+            row = {"module": new_prefix + new.module_name(j, role), "source": name, "source_layer": la.old_layer,
+                   "role": role, "fill": "mapped", "target_rank": m.rank}
             delta = _calibrate(delta, old_delta, alignment, la.old_layer, j, role, options.keep_norm_ratio, row)
             written[(j, role)] = delta
             report.append(row)
-    _fill(written, report, alignment, options.fill)
+    _fill(written, report, alignment, options.fill, new_prefix)
     modules: dict[str, LoraModule] = {}
     for row in report:
         j, role = row["layer"], row["role"]
@@ -215,7 +228,8 @@ def _calibrate(delta: Delta, old_delta: Delta, alignment: Alignment, i: int, j: 
     return Delta(delta.b * factor, delta.a, delta.scale)
 
 
-def _fill(written: dict[tuple[int, str], Delta], report: list[dict], alignment: Alignment, policy: str) -> None:
+def _fill(written: dict[tuple[int, str], Delta], report: list[dict], alignment: Alignment, policy: str,
+          prefix: str) -> None:
     """Give new layers without a source layer the stated policy's delta (in new coordinates)."""
     if policy == "none":
         return
@@ -242,5 +256,5 @@ def _fill(written: dict[tuple[int, str], Delta], report: list[dict], alignment: 
                 delta, how = written[(near, role)], f"nearest({near})"
                 rank = delta.b.shape[1]
             written[(j, role)] = delta
-            report.append({"module": new.module_name(j, role), "source": None, "source_layer": None, "role": role,
+            report.append({"module": prefix + new.module_name(j, role), "source": None, "source_layer": None, "role": role,
                            "fill": how, "layer": j, "target_rank": rank})

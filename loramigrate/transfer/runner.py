@@ -53,20 +53,27 @@ def check_adapter(adapter: LoraAdapter, alignment: Alignment, adapter_dir: Path)
 
 
 def _map_extra(adapter: LoraAdapter, alignment: Alignment) -> dict[str, torch.Tensor]:
-    """modules_to_save tensors: hidden-sized sides go through T, others are copied."""
+    """modules_to_save tensors: a side of hidden size goes through T (inputs through T⁺), others are
+    copied. Vocabulary-sized tensors move only between identical vocabularies.
+
+    Raises:
+        IncompatibleModelsError: a vocabulary-sized tensor across different vocabularies.
+    """
     t = alignment.transfer
     pinv = torch.linalg.pinv(t.double()).float()
     d_old, vocab = alignment.old.hidden, alignment.old.vocab_size
+    shared = alignment.info.get("shared_tokens", {})
+    same_vocab = vocab == alignment.new.vocab_size and shared.get("coverage_old") == shared.get("coverage_new") == 1.0
     out = {}
     for key, w in adapter.extra.items():
-        if w.dim() == 2 and w.shape[0] == vocab and (alignment.old.vocab_size != alignment.new.vocab_size or
-                                                    d_old != alignment.new.hidden):
-            raise IncompatibleModelsError(f"{key}: vocabulary-sized modules_to_save cannot be moved across vocabularies yet")
-        if w.dim() == 2:
-            w = w @ pinv if w.shape[1] == d_old else w  # reads the hidden state
-            out[key] = t @ w if w.shape[0] == d_old and w.shape[0] != vocab else w  # writes a hidden state
-        else:
-            out[key] = t @ w if w.shape[0] == d_old else w
+        vocab_rows = w.dim() == 2 and w.shape[0] == vocab
+        if vocab_rows and not same_vocab:
+            raise IncompatibleModelsError(f"{key}: vocabulary-sized modules_to_save cannot move across vocabularies yet")
+        if w.dim() == 2 and w.shape[1] == d_old:  # reads the hidden state: W_new = W_old T⁺
+            w = w @ pinv
+        if w.shape[0] == d_old and not vocab_rows:  # writes a hidden state (weight rows or a bias)
+            w = t @ w
+        out[key] = w
     return out
 
 
@@ -85,7 +92,15 @@ def _peft_config(adapter: LoraAdapter, alignment: Alignment, modules: dict[str, 
     }
 
 
-def verify_with_peft(out_dir: Path, new_base: str, load_cfg, written: dict[str, LoraModule]) -> None:
+def _num_labels(adapter: LoraAdapter) -> int | None:
+    """Classes of a sequence-classification adapter, from its saved head; None for other tasks."""
+    if adapter.config.get("task_type") != "SEQ_CLS":
+        return None
+    heads = [w for k, w in adapter.extra.items() if k.endswith(("classifier.weight", "score.weight", "out_proj.weight"))]
+    return heads[-1].shape[0] if heads else None
+
+
+def verify_with_peft(out_dir: Path, new_base: str, load_cfg, adapter: LoraAdapter) -> None:
     """Reload with stock PEFT onto the new base; every written module must be matched, finite, non-zero.
 
     Raises:
@@ -93,7 +108,8 @@ def verify_with_peft(out_dir: Path, new_base: str, load_cfg, written: dict[str, 
     """
     from peft import PeftModel
 
-    base = load_model(resolve_model(new_base), load_cfg.dtype, load_cfg.device)
+    written = adapter.modules
+    base = load_model(resolve_model(new_base), load_cfg.dtype, load_cfg.device, num_labels=_num_labels(adapter))
     model = PeftModel.from_pretrained(base, str(out_dir))
     adapted = {}
     for name, module in model.base_model.model.named_modules():
@@ -140,6 +156,6 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False) -> Pat
         write_adapter(result, run.tmp_dir)
         (run.tmp_dir / REPORT).write_text(json.dumps({"modules": report}, indent=2))
         if cfg.verify:
-            verify_with_peft(run.tmp_dir, result.config["base_model_name_or_path"], cfg.load, modules)
+            verify_with_peft(run.tmp_dir, result.config["base_model_name_or_path"], cfg.load, result)
         run.extra["summary"] = {"modules": len(modules), "filled": sum(r["fill"] != "mapped" for r in report)}
     return out_dir
