@@ -130,3 +130,17 @@ def test_classification_head_in_modules_to_save_is_carried(tiny_models, tmp_path
     after = load_file(str(tmp_path / "t" / "adapter_model.safetensors"))
     heads = [k for k in before if "classifier" in k]
     assert heads and all(torch.allclose(before[k], after[k], atol=1e-5) for k in heads)
+
+
+def test_vocabulary_change_with_a_shared_subset(tmp_path):
+    from tests.helpers import WORDS, build, make_tokenizer, save, tiny_config
+
+    words = WORDS[::-1][:80] + [f"new{i}" for i in range(30)]  # shuffled ids, 80 shared words, 30 new ones
+    old = save(build(tiny_config("llama")), make_tokenizer(WORDS), tmp_path / "old")
+    new = save(build(tiny_config("llama", vocab=len(words) + 2, hidden=48), seed=1), make_tokenizer(words), tmp_path / "new")
+    cli("align", "--old", old, "--new", new, "-o", tmp_path / "align")
+    meta = json.loads((tmp_path / "align" / "alignment.json").read_text())
+    assert meta["shared_tokens"]["count"] == 82 and meta["calibration"]["rows_are"].startswith("sequences")
+    adapter = make_lora(old, tmp_path / "lora", targets=ALL)
+    cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "-o", tmp_path / "t")
+    assert all(torch.isfinite(d).all() and d.norm() > 0 for d in deltas(tmp_path / "t").values())
