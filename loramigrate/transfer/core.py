@@ -120,9 +120,9 @@ def map_rows(role: str, b: torch.Tensor, la: LayerAlignment, old: ModelSpec, new
 
 
 def map_cols(role: str, a: torch.Tensor, la: LayerAlignment, old: ModelSpec, new: ModelSpec,
-             input_map: torch.Tensor) -> torch.Tensor:
+             input_map: torch.Tensor | None) -> torch.Tensor:
     """Input side: columns of A (r, in_old) → (r, in_new). ``input_map`` (in_old, d_new) is the
-    hidden-input map with norm scales folded in (used by q, k, v, gate, up)."""
+    hidden-input map with norm scales folded in (q, k, v, gate, up; None for o and down)."""
     if role in ("q", "k", "v", "gate", "up"):
         return a @ input_map
     if role == "down":  # columns are neurons
@@ -136,17 +136,16 @@ def map_cols(role: str, a: torch.Tensor, la: LayerAlignment, old: ModelSpec, new
     return out.reshape(a.shape[0], -1)
 
 
-def hidden_input_map(alignment: Alignment, la: LayerAlignment, old_layer: int, new_layer: int, slot: int
+def hidden_input_map(alignment: Alignment, t_pinv: torch.Tensor, old_layer: int, new_layer: int, slot: int
                      ) -> torch.Tensor:
-    """(d_old, d_new) map x_old ≈ x_new @ mapᵀ for a projection input behind pre-norm ``slot``.
+    """(d_old, d_new) map with x_old ≈ map @ x_new for a projection input behind pre-norm ``slot``.
 
     x_old = g_old ⊙ n_old, n_old ≈ T⁺ n_new, n_new = x_new / g_new, so map = diag(g_old) T⁺ diag(1/g_new).
     """
-    t = la.transfer if la.transfer is not None else alignment.transfer
     g_old = alignment.old_profile.norms[old_layer, slot]
     g_new = alignment.new_profile.norms[new_layer, slot]
     safe = torch.where(g_new.abs() < 1e-6, torch.full_like(g_new, 1e-6), g_new)
-    return g_old[:, None] * torch.linalg.pinv(t.double()).float() / safe[None, :]
+    return g_old[:, None] * t_pinv / safe[None, :]
 
 
 @dataclass(frozen=True)
@@ -173,8 +172,10 @@ def transfer_adapter(adapter: LoraAdapter, alignment: Alignment, options: Transf
     new_prefix = new.base_prefix + "." if wrapped and new.base_prefix else ""
     written: dict[tuple[int, str], Delta] = {}
     report: list[dict] = []
+    global_pinv = torch.linalg.pinv(alignment.transfer.double()).float()
     for j, la in sorted(alignment.layers.items()):
         t = la.transfer if la.transfer is not None else alignment.transfer
+        t_pinv = global_pinv if la.transfer is None else torch.linalg.pinv(t.double()).float()
         for role in ROLES:
             name = by_source.get((la.old_layer, role))
             if name is None:
@@ -182,7 +183,7 @@ def transfer_adapter(adapter: LoraAdapter, alignment: Alignment, options: Transf
             m = adapter.modules[name]
             scale = adapter.scale(name)
             slot = _NORM_SLOT.get(role)
-            input_map = hidden_input_map(alignment, la, la.old_layer, j, slot) if slot is not None else t
+            input_map = hidden_input_map(alignment, t_pinv, la.old_layer, j, slot) if slot is not None else None
             delta = Delta(map_rows(role, m.b, la, old, new, t), map_cols(role, m.a, la, old, new, input_map), scale)
             old_delta = Delta(m.b, m.a, scale)
             row = {"module": new_prefix + new.module_name(j, role), "source": name, "source_layer": la.old_layer,
