@@ -31,6 +31,9 @@ class AlignConfig(_Config):
     row_norm: bool = True  # unit-length rows: massive-activation tokens do not dominate CKA
     layer_map: Literal["cka_dp", "uniform", "first", "last"] = "cka_dp"
     head_match: Literal["hungarian", "identity"] = "hungarian"
+    # weights: QK/OV circuit cosines (data-free); activations: CKA of head outputs on the calibration
+    # text, which also fits the value-space maps (one more forward pass)
+    head_similarity: Literal["weights", "activations"] = "weights"
     head_sketch: int | None = Field(None, ge=8)  # random projection of hidden for head circuits: faster, approximate
     mlp_match: Literal["auto", "hungarian", "mutual_best", "identity"] = "auto"
     transfer: Literal["procrustes", "lstsq"] = "procrustes"

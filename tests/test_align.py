@@ -121,3 +121,14 @@ def test_same_seed_gives_byte_identical_artifacts(tiny_models, tmp_path):
     for name in ("alignment.safetensors", "alignment.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert "phase_wall_s" in json.loads((tmp_path / "a" / "manifest.json").read_text())
+
+
+def test_head_outputs_recover_the_permutation_and_value_maps(known_upgrade, tmp_path):
+    old, new, truth = known_upgrade
+    a = align(old, new, tmp_path / "al", "--head-similarity", "activations")
+    eye = torch.eye(a.new.head_dim).expand(a.new.n_heads, -1, -1)
+    for la in a.layers.values():
+        assert la.head_map == truth.head_map
+        assert torch.allclose(la.v_map, eye, atol=1e-3)
+        matched = la.head_sim[torch.arange(a.new.n_heads), torch.tensor(truth.head_map)]
+        assert torch.allclose(matched, torch.ones_like(matched), atol=1e-4)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from loramigrate.align.activations import activation_rows, calibration_batches, residual_streams
 from loramigrate.align.cka import make_cka
+from loramigrate.align.head_activations import HeadOutputStats, captured_inputs
 from loramigrate.align.head_match import HEAD_MATCHERS, head_similarity, head_space_maps, kv_group_map
 from loramigrate.align.layer_map import LAYER_MAPPERS
 from loramigrate.align.mlp_map import MLP_MATCHERS, neuron_similarity, resolve_mlp_matcher
@@ -70,31 +72,53 @@ def fit_transfer(old: nn.Module, new: nn.Module, old_vocab: dict[str, int], new_
     return t, info
 
 
-def fit_layer_transfers(old: nn.Module, new: nn.Module, batches: Iterable[tuple[dict, dict]], *,
-                        layer_map: list[int | None], pooled: bool, row_norm: bool, method: str, ridge: float,
-                        total: int, progress: ProgressFn = no_progress) -> dict[int, tuple[torch.Tensor, float]]:
-    """Per mapped pair (new j ← old i), T_j fitted on the residual streams entering the two blocks.
+@dataclass
+class SecondPass:
+    """What the activation pass over mapped layer pairs produced, per new layer."""
 
-    A second forward pass per model, because the layer map is known only after the CKA pass.
-    """
+    transfers: dict[int, tuple[torch.Tensor, float]] = field(default_factory=dict)  # T_j and its fit cosine
+    heads: dict[int, HeadOutputStats] = field(default_factory=dict)
+
+
+def activation_pass(old: nn.Module, new: nn.Module, batches: list[tuple[dict, dict]], *, old_spec: ModelSpec,
+                    new_spec: ModelSpec, layer_map: list[int | None], pooled: bool, row_norm: bool,
+                    transfers: bool, heads: bool, method: str, ridge: float,
+                    progress: ProgressFn = no_progress) -> SecondPass:
+    """One more forward pass per model over the mapped layer pairs (the layer map is known only after
+    the CKA pass): residual streams entering each block for per-layer transfer matrices, and head
+    outputs (the output projection's input) for data-driven head matching."""
     pairs = [(j, i) for j, i in enumerate(layer_map) if i is not None]
-    stats: dict[int, TransferStats] = {}
-    for n, (enc_old, enc_new) in enumerate(batches):
-        x = activation_rows(residual_streams(old, enc_old)[:-1], enc_old["attention_mask"], pooled, row_norm)
-        y = activation_rows(residual_streams(new, enc_new)[:-1], enc_new["attention_mask"], pooled, row_norm)
-        for j, i in pairs:
-            stats.setdefault(j, TransferStats(x.shape[-1], y.shape[-1])).update(x[i], y[j])
-        progress("layer transfer matrices", n + 1, total)
-    return {j: st.fit(method, ridge) for j, st in stats.items()}
+    t_stats: dict[int, TransferStats] = {}
+    h_stats: dict[int, HeadOutputStats] = {}
+    head_pairs = [(j, old_spec.module_name(i, "o"), new_spec.module_name(j, "o")) for j, i in pairs] if heads else []
+    o_old, o_new = [o for _, o, _ in head_pairs], [o for _, _, o in head_pairs]
+    shape = (old_spec.n_heads, old_spec.head_dim, new_spec.n_heads, new_spec.head_dim)
+    with captured_inputs(old, o_old) as got_old, captured_inputs(new, o_new) as got_new:
+        for n, (enc_old, enc_new) in enumerate(batches):
+            x_all, y_all = residual_streams(old, enc_old)[:-1], residual_streams(new, enc_new)[:-1]
+            m_old, m_new = enc_old["attention_mask"], enc_new["attention_mask"]
+            if transfers:
+                x = activation_rows(x_all, m_old, pooled, row_norm)
+                y = activation_rows(y_all, m_new, pooled, row_norm)
+                for j, i in pairs:
+                    t_stats.setdefault(j, TransferStats(x.shape[-1], y.shape[-1])).update(x[i], y[j])
+            for j, name_old, name_new in head_pairs:
+                yo = activation_rows(got_old[name_old][None], m_old, pooled, row_norm=False)[0]
+                yn = activation_rows(got_new[name_new][None], m_new, pooled, row_norm=False)[0]
+                h_stats.setdefault(j, HeadOutputStats(*shape)).update(yo, yn)
+            progress("activation pass", n + 1, len(batches))
+    return SecondPass(transfers={j: st.fit(method, ridge) for j, st in t_stats.items()}, heads=h_stats)
 
 
 def match_layers(old: nn.Module, new: nn.Module, old_spec: ModelSpec, new_spec: ModelSpec,
                  layer_map: list[int | None], transfer: torch.Tensor, head_matcher: str, mlp_matcher: str,
-                 layer_transfers: dict[int, tuple[torch.Tensor, float]] | None = None, head_sketch: int | None = None,
+                 measured: SecondPass | None = None, head_sketch: int | None = None,
                  seed: int = 0, progress: ProgressFn = no_progress) -> dict[int, LayerAlignment]:
     """Head and neuron maps for every mapped (new layer ← old layer) pair, compared through the
-    pair's own transfer matrix when ``layer_transfers`` has one, else through the global one."""
-    layer_transfers = layer_transfers or {}
+    pair's own transfer matrix when the activation pass fitted one, else through the global one;
+    heads by their measured outputs when the activation pass recorded them, else by weights."""
+    measured = measured or SecondPass()
+    layer_transfers = measured.transfers
     mapped = [(j, i) for j, i in enumerate(layer_map) if i is not None]
     mlp_name = resolve_mlp_matcher(mlp_matcher, old_spec.intermediate, new_spec.intermediate)
     result: dict[int, LayerAlignment] = {}
@@ -102,12 +126,15 @@ def match_layers(old: nn.Module, new: nn.Module, old_spec: ModelSpec, new_spec: 
         w_old, w_new = layer_weights(old, old_spec, i), layer_weights(new, new_spec, j)
         t_layer = layer_transfers[j][0] if j in layer_transfers else None
         t = transfer if t_layer is None else t_layer
-        hsim = head_similarity(w_old, w_new, t, sketch=head_sketch, seed=seed)
+        head_stats = measured.heads.get(j)
+        hsim = head_stats.similarity() if head_stats else head_similarity(w_old, w_new, t, sketch=head_sketch, seed=seed)
         hmap = HEAD_MATCHERS[head_matcher](hsim)
         nsim = neuron_similarity(w_old, w_new, t)
         nmap = MLP_MATCHERS[mlp_name](nsim)
         score = torch.where(nmap >= 0, nsim.gather(1, nmap.clamp_min(0)[:, None])[:, 0], torch.zeros(()))
         maps = head_space_maps(w_old, w_new, t, hmap, old_spec, new_spec)
+        if head_stats:  # value spaces mapped by what the heads output on the same text
+            maps["v"] = head_stats.value_maps(hmap)
         result[j] = LayerAlignment(
             old_layer=i, head_sim=hsim, head_map=hmap,
             kv_map=kv_group_map(hmap, old_spec.group_size, new_spec.group_size, new_spec.n_kv_heads),
@@ -136,13 +163,15 @@ def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[s
     layer_map = LAYER_MAPPERS[cfg.layer_map](cka)
     transfer, transfer_info = fit_transfer(old, new, old_vocab, new_vocab, cfg.transfer, cfg.ridge)
     clock.lap("embedding_transfer_s")
-    layer_transfers = fit_layer_transfers(
-        old, new, batches, layer_map=layer_map, pooled=not same_tokenizer, row_norm=cfg.row_norm,
-        method=cfg.transfer, ridge=cfg.ridge, total=len(batches), progress=progress,
-    ) if cfg.per_layer_transfer else {}
-    clock.lap("layer_transfer_s")
+    by_activations = cfg.head_similarity == "activations"
+    measured = activation_pass(
+        old, new, batches, old_spec=old_spec, new_spec=new_spec, layer_map=layer_map, pooled=not same_tokenizer,
+        row_norm=cfg.row_norm, transfers=cfg.per_layer_transfer, heads=by_activations, method=cfg.transfer,
+        ridge=cfg.ridge, progress=progress,
+    ) if cfg.per_layer_transfer or by_activations else SecondPass()
+    clock.lap("activation_pass_s")
     layers = match_layers(old, new, old_spec, new_spec, layer_map, transfer, cfg.head_match, cfg.mlp_match,
-                          layer_transfers, cfg.head_sketch, cfg.seed, progress)
+                          measured, cfg.head_sketch, cfg.seed, progress)
     clock.lap("head_and_neuron_matching_s")
     mapped = [j for j, i in enumerate(layer_map) if i is not None]
     info = {
@@ -161,7 +190,7 @@ def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[s
                                if bool((la.mlp_map >= 0).any()) else None for j, la in layers.items()},
             "mlp_matched_fraction": {str(j): round(float((la.mlp_map >= 0).float().mean()), 4)
                                      for j, la in layers.items()},
-            "layer_transfer_fit_cosine": {str(j): round(c, 4) for j, (_, c) in layer_transfers.items()},
+            "layer_transfer_fit_cosine": {str(j): round(c, 4) for j, (_, c) in measured.transfers.items()},
         },
     }
     old_profile, new_profile = (ModelProfile(*model_profile(m, sp)) for m, sp in ((old, old_spec), (new, new_spec)))

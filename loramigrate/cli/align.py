@@ -29,6 +29,9 @@ def align(
     cka: Annotated[str, typer.Option(help="CKA estimator: auto, feature (exact) or minibatch (unbiased HSIC).")] = "auto",
     layer_map: Annotated[str, typer.Option(help="Layer mapper: cka_dp, uniform, first or last.")] = "cka_dp",
     head_match: Annotated[str, typer.Option(help="Head matcher: hungarian or identity.")] = "hungarian",
+    head_similarity: Annotated[str, typer.Option(
+        help="Head similarity: weights (QK/OV circuits) or activations (head outputs on the calibration text).")
+    ] = "weights",
     head_sketch: Annotated[int | None, typer.Option(
         help="Project hidden onto this many random directions for head matching (faster, approximate).")] = None,
     mlp_match: Annotated[str, typer.Option(help="Neuron matcher: auto, hungarian, mutual_best or identity.")] = "auto",
@@ -46,7 +49,8 @@ def align(
 
     cfg = AlignConfig(
         old=old, new=new, calib=str(calib) if calib else None, max_tokens=max_tokens, seq_len=seq_len,
-        batch_size=batch_size, cka=cka, layer_map=layer_map, head_match=head_match, head_sketch=head_sketch,
+        batch_size=batch_size, cka=cka, layer_map=layer_map, head_match=head_match,
+        head_similarity=head_similarity, head_sketch=head_sketch,
         mlp_match=mlp_match,
         transfer=transfer, per_layer_transfer=per_layer_transfer, seed=seed,
         load=ModelLoadConfig(dtype=dtype, device=device),
