@@ -36,6 +36,10 @@ class AlignConfig(_Config):
     head_similarity: Literal["weights", "activations"] = "weights"
     head_sketch: int | None = Field(None, ge=8)  # random projection of hidden for head circuits: faster, approximate
     mlp_match: Literal["auto", "hungarian", "mutual_best", "identity"] = "auto"
+    # weights: gate/up rows and down columns through T; activations: correlation of MLP activations
+    # on the first `mlp_tokens` calibration tokens (memory ∝ mlp_tokens × intermediate × layers)
+    mlp_similarity: Literal["weights", "activations"] = "weights"
+    mlp_tokens: int = Field(1024, ge=8)
     transfer: Literal["procrustes", "lstsq"] = "procrustes"
     ridge: float = Field(1e-4, ge=0)  # lstsq only, relative to the mean embedding energy
     per_layer_transfer: bool = False  # also fit T per mapped layer on activations: one more forward pass

@@ -132,3 +132,11 @@ def test_head_outputs_recover_the_permutation_and_value_maps(known_upgrade, tmp_
         assert torch.allclose(la.v_map, eye, atol=1e-3)
         matched = la.head_sim[torch.arange(a.new.n_heads), torch.tensor(truth.head_map)]
         assert torch.allclose(matched, torch.ones_like(matched), atol=1e-4)
+
+
+def test_mlp_activations_recover_the_neuron_permutation(known_upgrade, tmp_path):
+    old, new, truth = known_upgrade
+    a = align(old, new, tmp_path / "al", "--mlp-similarity", "activations")
+    for la in a.layers.values():
+        assert la.mlp_map.tolist() == truth.neuron_map
+        assert torch.allclose(la.mlp_score, torch.ones_like(la.mlp_score), atol=1e-2)

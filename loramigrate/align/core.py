@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from loramigrate.align.activation_stats import HeadOutputStats, NeuronSample, captured_inputs
 from loramigrate.align.activations import activation_rows, calibration_batches, residual_streams
 from loramigrate.align.cka import make_cka
-from loramigrate.align.head_activations import HeadOutputStats, captured_inputs
 from loramigrate.align.head_match import HEAD_MATCHERS, head_similarity, head_space_maps, kv_group_map
 from loramigrate.align.layer_map import LAYER_MAPPERS
 from loramigrate.align.mlp_map import MLP_MATCHERS, neuron_similarity, resolve_mlp_matcher
@@ -78,22 +78,27 @@ class SecondPass:
 
     transfers: dict[int, tuple[torch.Tensor, float]] = field(default_factory=dict)  # T_j and its fit cosine
     heads: dict[int, HeadOutputStats] = field(default_factory=dict)
+    neurons: dict[int, NeuronSample] = field(default_factory=dict)
 
 
 def activation_pass(old: nn.Module, new: nn.Module, batches: list[tuple[dict, dict]], *, old_spec: ModelSpec,
                     new_spec: ModelSpec, layer_map: list[int | None], pooled: bool, row_norm: bool,
-                    transfers: bool, heads: bool, method: str, ridge: float,
+                    transfers: bool, heads: bool, neurons: int, method: str, ridge: float,
                     progress: ProgressFn = no_progress) -> SecondPass:
     """One more forward pass per model over the mapped layer pairs (the layer map is known only after
-    the CKA pass): residual streams entering each block for per-layer transfer matrices, and head
-    outputs (the output projection's input) for data-driven head matching."""
+    the CKA pass): residual streams entering each block for per-layer transfer matrices, head outputs
+    (the output projection's input) for data-driven head matching, and up to ``neurons`` token rows of
+    MLP activations (the down projection's input) for data-driven neuron matching (0: none)."""
     pairs = [(j, i) for j, i in enumerate(layer_map) if i is not None]
     t_stats: dict[int, TransferStats] = {}
     h_stats: dict[int, HeadOutputStats] = {}
     head_pairs = [(j, old_spec.module_name(i, "o"), new_spec.module_name(j, "o")) for j, i in pairs] if heads else []
     o_old, o_new = [o for _, o, _ in head_pairs], [o for _, _, o in head_pairs]
     shape = (old_spec.n_heads, old_spec.head_dim, new_spec.n_heads, new_spec.head_dim)
-    with captured_inputs(old, o_old) as got_old, captured_inputs(new, o_new) as got_new:
+    mlp_pairs = [(j, old_spec.module_name(i, "down"), new_spec.module_name(j, "down")) for j, i in pairs] if neurons else []
+    n_stats: dict[int, NeuronSample] = {}
+    with captured_inputs(old, o_old + [o for _, o, _ in mlp_pairs]) as got_old, \
+            captured_inputs(new, o_new + [o for _, _, o in mlp_pairs]) as got_new:
         for n, (enc_old, enc_new) in enumerate(batches):
             x_all, y_all = residual_streams(old, enc_old)[:-1], residual_streams(new, enc_new)[:-1]
             m_old, m_new = enc_old["attention_mask"], enc_new["attention_mask"]
@@ -106,8 +111,13 @@ def activation_pass(old: nn.Module, new: nn.Module, batches: list[tuple[dict, di
                 yo = activation_rows(got_old[name_old][None], m_old, pooled, row_norm=False)[0]
                 yn = activation_rows(got_new[name_new][None], m_new, pooled, row_norm=False)[0]
                 h_stats.setdefault(j, HeadOutputStats(*shape)).update(yo, yn)
+            for j, name_old, name_new in mlp_pairs:
+                zo = activation_rows(got_old[name_old][None], m_old, pooled, row_norm=False)[0]
+                zn = activation_rows(got_new[name_new][None], m_new, pooled, row_norm=False)[0]
+                n_stats.setdefault(j, NeuronSample(neurons)).update(zo, zn)
             progress("activation pass", n + 1, len(batches))
-    return SecondPass(transfers={j: st.fit(method, ridge) for j, st in t_stats.items()}, heads=h_stats)
+    return SecondPass(transfers={j: st.fit(method, ridge) for j, st in t_stats.items()}, heads=h_stats,
+                      neurons=n_stats)
 
 
 def match_layers(old: nn.Module, new: nn.Module, old_spec: ModelSpec, new_spec: ModelSpec,
@@ -129,7 +139,7 @@ def match_layers(old: nn.Module, new: nn.Module, old_spec: ModelSpec, new_spec: 
         head_stats = measured.heads.get(j)
         hsim = head_stats.similarity() if head_stats else head_similarity(w_old, w_new, t, sketch=head_sketch, seed=seed)
         hmap = HEAD_MATCHERS[head_matcher](hsim)
-        nsim = neuron_similarity(w_old, w_new, t)
+        nsim = measured.neurons[j].correlation() if j in measured.neurons else neuron_similarity(w_old, w_new, t)
         nmap = MLP_MATCHERS[mlp_name](nsim)
         score = torch.where(nmap >= 0, nsim.gather(1, nmap.clamp_min(0)[:, None])[:, 0], torch.zeros(()))
         maps = head_space_maps(w_old, w_new, t, hmap, old_spec, new_spec)
@@ -163,12 +173,13 @@ def align_models(old: nn.Module, new: nn.Module, old_tok, new_tok, texts: list[s
     layer_map = LAYER_MAPPERS[cfg.layer_map](cka)
     transfer, transfer_info = fit_transfer(old, new, old_vocab, new_vocab, cfg.transfer, cfg.ridge)
     clock.lap("embedding_transfer_s")
-    by_activations = cfg.head_similarity == "activations"
+    heads_measured = cfg.head_similarity == "activations"
+    neuron_rows = cfg.mlp_tokens if cfg.mlp_similarity == "activations" else 0
     measured = activation_pass(
         old, new, batches, old_spec=old_spec, new_spec=new_spec, layer_map=layer_map, pooled=not same_tokenizer,
-        row_norm=cfg.row_norm, transfers=cfg.per_layer_transfer, heads=by_activations, method=cfg.transfer,
-        ridge=cfg.ridge, progress=progress,
-    ) if cfg.per_layer_transfer or by_activations else SecondPass()
+        row_norm=cfg.row_norm, transfers=cfg.per_layer_transfer, heads=heads_measured, neurons=neuron_rows,
+        method=cfg.transfer, ridge=cfg.ridge, progress=progress,
+    ) if cfg.per_layer_transfer or heads_measured or neuron_rows else SecondPass()
     clock.lap("activation_pass_s")
     layers = match_layers(old, new, old_spec, new_spec, layer_map, transfer, cfg.head_match, cfg.mlp_match,
                           measured, cfg.head_sketch, cfg.seed, progress)

@@ -35,6 +35,8 @@ def align(
     head_sketch: Annotated[int | None, typer.Option(
         help="Project hidden onto this many random directions for head matching (faster, approximate).")] = None,
     mlp_match: Annotated[str, typer.Option(help="Neuron matcher: auto, hungarian, mutual_best or identity.")] = "auto",
+    mlp_similarity: Annotated[str, typer.Option(
+        help="Neuron similarity: weights or activations (MLP activations on the calibration text).")] = "weights",
     transfer: Annotated[str, typer.Option(help="Transfer matrix fit: procrustes or lstsq.")] = "procrustes",
     per_layer_transfer: Annotated[bool, typer.Option(
         "--per-layer-transfer", help="Also fit a transfer matrix per mapped layer on calibration activations.")] = False,
@@ -51,7 +53,7 @@ def align(
         old=old, new=new, calib=str(calib) if calib else None, max_tokens=max_tokens, seq_len=seq_len,
         batch_size=batch_size, cka=cka, layer_map=layer_map, head_match=head_match,
         head_similarity=head_similarity, head_sketch=head_sketch,
-        mlp_match=mlp_match,
+        mlp_match=mlp_match, mlp_similarity=mlp_similarity,
         transfer=transfer, per_layer_transfer=per_layer_transfer, seed=seed,
         load=ModelLoadConfig(dtype=dtype, device=device),
     )

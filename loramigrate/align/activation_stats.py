@@ -1,10 +1,11 @@
-"""Data-driven head correspondence: attention-head outputs (the input of the output projection) of a
-mapped layer pair, compared on the same calibration tokens.
+"""Data-driven correspondences of a mapped layer pair, from what the two blocks compute on the same
+calibration tokens.
 
-Weight-only circuit cosines are at noise level between separately trained models (DESIGN.md); what
-the heads *compute* on the same text is comparable. Per head pair, linear CKA of the two heads'
-outputs gives the similarity, and the centred cross-covariance gives an orthogonal map between the
-two heads' value spaces.
+Weight-only similarities are at noise level between separately trained models (DESIGN.md).
+Heads: linear CKA of the two heads' outputs (the output projection's input) gives the similarity,
+and their centred cross-covariance an orthogonal map between the heads' value spaces.
+MLP neurons: correlation of the intermediate activations (the down projection's input) over a capped
+sample of tokens (a full I_new × I_old cross-covariance per layer pair would cost GBs).
 """
 
 from __future__ import annotations
@@ -68,6 +69,31 @@ class HeadOutputStats:
                 u, _, vh = torch.linalg.svd(cross[h, src], full_matrices=False)
                 maps[h] = (u @ vh).float()
         return maps
+
+
+class NeuronSample:
+    """The first ``cap`` token rows of intermediate activations of a mapped layer pair (float16)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.old: list[torch.Tensor] = []
+        self.new: list[torch.Tensor] = []
+        self.rows = 0
+
+    def update(self, z_old: torch.Tensor, z_new: torch.Tensor) -> None:
+        take = min(self.cap - self.rows, z_old.shape[0])
+        if take > 0:
+            self.old.append(z_old[:take].half())
+            self.new.append(z_new[:take].half())
+            self.rows += take
+
+    def correlation(self) -> torch.Tensor:
+        """(I_new, I_old) Pearson correlation of every neuron pair over the sampled tokens."""
+        def standardise(parts: list[torch.Tensor]) -> torch.Tensor:
+            z = torch.cat(parts).float()
+            z = z - z.mean(0)
+            return z / z.norm(dim=0).clamp_min(1e-12)
+        return standardise(self.new).T @ standardise(self.old)
 
 
 @contextlib.contextmanager
