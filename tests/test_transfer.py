@@ -144,3 +144,11 @@ def test_vocabulary_change_with_a_shared_subset(tmp_path):
     adapter = make_lora(old, tmp_path / "lora", targets=ALL)
     cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "-o", tmp_path / "t")
     assert all(torch.isfinite(d).all() and d.norm() > 0 for d in deltas(tmp_path / "t").values())
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (32, 32)])
+def test_pseudo_inverse_matches_the_svd_pinv(shape):
+    from loramigrate.transfer.core import pseudo_inverse
+
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(pseudo_inverse(t), torch.linalg.pinv(t), atol=1e-4)
