@@ -35,7 +35,7 @@ class AlignConfig(_Config):
     # text, which also fits the value-space maps (one more forward pass)
     head_similarity: Literal["weights", "activations"] = "weights"
     head_sketch: int | None = Field(None, ge=8)  # random projection of hidden for head circuits: faster, approximate
-    mlp_match: Literal["auto", "hungarian", "mutual_best", "identity"] = "auto"
+    mlp_match: Literal["auto", "hungarian", "mutual_best", "greedy", "identity"] = "auto"
     # weights: gate/up rows and down columns through T; activations: correlation of MLP activations
     # on the first `mlp_tokens` calibration tokens (memory ∝ mlp_tokens × intermediate × layers)
     mlp_similarity: Literal["weights", "activations"] = "weights"

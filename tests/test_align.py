@@ -140,3 +140,14 @@ def test_mlp_activations_recover_the_neuron_permutation(known_upgrade, tmp_path)
     for la in a.layers.values():
         assert la.mlp_map.tolist() == truth.neuron_map
         assert torch.allclose(la.mlp_score, torch.ones_like(la.mlp_score), atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["hungarian", "mutual_best", "greedy"])
+def test_neuron_matchers_are_one_to_one_and_find_a_planted_permutation(name):
+    from loramigrate.align.mlp_map import MLP_MATCHERS
+
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    sim = torch.rand(60, 50, generator=torch.Generator().manual_seed(1)) * 0.5
+    sim[torch.arange(50), perm] = 1.0  # new neuron k ← old neuron perm[k]; 10 new neurons without a source
+    got = MLP_MATCHERS[name](sim)
+    assert got[:50].tolist() == perm.tolist() and (got[50:] == -1).all()

@@ -49,6 +49,18 @@ def match_mutual_best(sim: torch.Tensor) -> torch.Tensor:
     return torch.where(mutual, best_old, torch.full_like(best_old, -1))
 
 
+def match_greedy(sim: torch.Tensor) -> torch.Tensor:
+    """Each old neuron claims its best new neuron, most similar pairs first; one-to-one, and it
+    covers far more neurons than mutual best matches at the same linear cost."""
+    best_sim, best_new = sim.max(0)
+    result = torch.full((sim.shape[0],), -1, dtype=torch.long)
+    for old in torch.argsort(best_sim, descending=True).tolist():
+        new = int(best_new[old])
+        if result[new] < 0:
+            result[new] = old
+    return result
+
+
 def match_identity(sim: torch.Tensor) -> torch.Tensor:
     n_new, n_old = sim.shape
     idx = torch.arange(n_new)
@@ -58,6 +70,7 @@ def match_identity(sim: torch.Tensor) -> torch.Tensor:
 MLP_MATCHERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "hungarian": match_hungarian,
     "mutual_best": match_mutual_best,
+    "greedy": match_greedy,
     "identity": match_identity,
 }
 

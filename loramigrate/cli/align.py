@@ -34,7 +34,8 @@ def align(
     ] = "weights",
     head_sketch: Annotated[int | None, typer.Option(
         help="Project hidden onto this many random directions for head matching (faster, approximate).")] = None,
-    mlp_match: Annotated[str, typer.Option(help="Neuron matcher: auto, hungarian, mutual_best or identity.")] = "auto",
+    mlp_match: Annotated[str, typer.Option(
+        help="Neuron matcher: auto, hungarian, mutual_best, greedy or identity.")] = "auto",
     mlp_similarity: Annotated[str, typer.Option(
         help="Neuron similarity: weights or activations (MLP activations on the calibration text).")] = "weights",
     transfer: Annotated[str, typer.Option(help="Transfer matrix fit: procrustes or lstsq.")] = "procrustes",
