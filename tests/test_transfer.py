@@ -152,3 +152,32 @@ def test_pseudo_inverse_matches_the_svd_pinv(shape):
 
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(pseudo_inverse(t), torch.linalg.pinv(t), atol=1e-4)
+
+
+def permute_neox_heads(model, perm):
+    """In place: reorder the heads of every GPT-NeoX block (fused qkv rows and dense columns)."""
+    cfg = model.config
+    h, hd, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.hidden_size
+    with torch.no_grad():
+        for layer in model.gpt_neox.layers:
+            qkv, dense = layer.attention.query_key_value, layer.attention.dense
+            qkv.weight.copy_(qkv.weight.view(h, 3 * hd, d)[perm].reshape(3 * d, d))
+            qkv.bias.copy_(qkv.bias.view(h, 3 * hd)[perm].reshape(-1))
+            dense.weight.copy_(dense.weight.view(d, h, hd)[:, perm].reshape(d, d))
+
+
+def test_fused_qkv_adapter_follows_permuted_heads(tmp_path):
+    from tests.helpers import WORDS, build, make_tokenizer, save, tiny_config
+
+    old_model = build(tiny_config("neox", hidden=64, heads=8, layers=2, intermediate=96, init=0.2))
+    new_model = build(tiny_config("neox", hidden=64, heads=8, layers=2, intermediate=96, init=0.2))
+    new_model.load_state_dict(old_model.state_dict())
+    permute_neox_heads(new_model, [3, 1, 7, 0, 2, 6, 5, 4])
+    tok = make_tokenizer(WORDS)
+    old, new = save(old_model, tok, tmp_path / "old"), save(new_model, tok, tmp_path / "new")
+    cli("align", "--old", old, "--new", new, "-o", tmp_path / "align")
+    adapter = make_lora(old, tmp_path / "lora", targets=["query_key_value", "dense"])
+    cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "-o", tmp_path / "t")
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    want, got = logits(old, adapter, ids), logits(new, tmp_path / "t", ids)
+    assert (want - got).abs().max() < 1e-3 * max(1.0, float(want.abs().max()))

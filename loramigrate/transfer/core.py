@@ -16,7 +16,8 @@ from loramigrate.alignment import Alignment, LayerAlignment
 from loramigrate.arch import ROLES, ModelSpec
 from loramigrate.errors import IncompatibleModelsError
 
-_NORM_SLOT = {"q": 0, "k": 0, "v": 0, "gate": 1, "up": 1}  # which pre-norm feeds the role's input
+_NORM_SLOT = {"q": 0, "k": 0, "v": 0, "qkv": 0, "gate": 1, "up": 1}  # which pre-norm feeds the role's input
+ADAPTED_ROLES = (*ROLES, "qkv")
 FILL_POLICIES = ("none", "nearest", "interpolate")
 
 
@@ -55,8 +56,6 @@ def locate(spec: ModelSpec, module: str) -> tuple[int, str]:
         layer, _, rest = module[len(prefix):].partition(".")
         for role, path in spec.modules.items():
             if rest == path and layer.isdigit():
-                if role == "qkv":
-                    raise IncompatibleModelsError(f"{module}: fused qkv adapters cannot be transferred yet")
                 return int(layer), role
     raise IncompatibleModelsError(
         f"adapter module {module} is not one of the old base's attention/MLP projections "
@@ -93,6 +92,12 @@ def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
 def map_rows(role: str, b: torch.Tensor, la: LayerAlignment, old: ModelSpec, new: ModelSpec,
              t: torch.Tensor) -> torch.Tensor:
     """Output side: rows of B (out_old, r) → (out_new, r)."""
+    if role == "qkv":  # GPT-NeoX fused rows, per head [q | k | v]: map each part, interleave again
+        r = b.shape[1]
+        parts = b.reshape(old.n_heads, 3, old.head_dim, r)
+        mapped = [map_rows(p, parts[:, k].reshape(-1, r), la, old, new, t).reshape(new.n_heads, new.head_dim, r)
+                  for k, p in enumerate(("q", "k", "v"))]
+        return torch.stack(mapped, 1).reshape(-1, r)
     if role in ("o", "down"):  # writes into the residual stream: h_new ≈ T h_old
         return t @ b
     if role in ("gate", "up"):  # rows are neurons
@@ -122,8 +127,8 @@ def map_rows(role: str, b: torch.Tensor, la: LayerAlignment, old: ModelSpec, new
 def map_cols(role: str, a: torch.Tensor, la: LayerAlignment, old: ModelSpec, new: ModelSpec,
              input_map: torch.Tensor | None) -> torch.Tensor:
     """Input side: columns of A (r, in_old) → (r, in_new). ``input_map`` (in_old, d_new) is the
-    hidden-input map with norm scales folded in (q, k, v, gate, up; None for o and down)."""
-    if role in ("q", "k", "v", "gate", "up"):
+    hidden-input map with norm scales folded in (q, k, v, qkv, gate, up; None for o and down)."""
+    if role in _NORM_SLOT:  # reads the (normalised) hidden state
         return a @ input_map
     if role == "down":  # columns are neurons
         src = la.mlp_map
@@ -186,10 +191,13 @@ def transfer_adapter(adapter: LoraAdapter, alignment: Alignment, options: Transf
     for j, la in sorted(alignment.layers.items()):
         t = la.transfer if la.transfer is not None else alignment.transfer
         t_pinv = global_pinv if la.transfer is None else pseudo_inverse(t)
-        for role in ROLES:
+        for role in ADAPTED_ROLES:
             name = by_source.get((la.old_layer, role))
             if name is None:
                 continue
+            if (role == "qkv") != new.fused_qkv and role in ("q", "k", "v", "qkv"):
+                raise IncompatibleModelsError(
+                    f"{name}: fused and separate q/k/v projections cannot be mapped onto each other yet")
             m = adapter.modules[name]
             scale = adapter.scale(name)
             slot = _NORM_SLOT.get(role)
@@ -226,9 +234,10 @@ def _calibrate(delta: Delta, old_delta: Delta, alignment: Alignment, i: int, j: 
 
     Both are measured with the pre-norm scale folded into the input side, as the weight norms are.
     """
-    r, slot = ROLES.index(role), _NORM_SLOT.get(role)
-    w_old = float(alignment.old_profile.weight_norms[i, r])
-    w_new = float(alignment.new_profile.weight_norms[j, r])
+    slot = _NORM_SLOT.get(role)
+    parts = [ROLES.index(p) for p in (("q", "k", "v") if role == "qkv" else (role,))]
+    w_old = float(alignment.old_profile.weight_norms[i, parts].pow(2).sum().sqrt())
+    w_new = float(alignment.new_profile.weight_norms[j, parts].pow(2).sum().sqrt())
     g_old = alignment.old_profile.norms[i, slot] if slot is not None else None
     g_new = alignment.new_profile.norms[j, slot] if slot is not None else None
     n_old, n_new = old_delta.norm(g_old), delta.norm(g_new)
@@ -246,7 +255,7 @@ def _fill(written: dict[tuple[int, str], Delta], report: list[dict], alignment: 
         return
     new = alignment.new
     mapped = sorted({j for j, _ in written})
-    roles = sorted({role for _, role in written}, key=ROLES.index)
+    roles = sorted({role for _, role in written}, key=ADAPTED_ROLES.index)
     for j in range(new.n_layers):
         if j in mapped or not mapped:
             continue

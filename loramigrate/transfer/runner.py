@@ -28,7 +28,7 @@ def expected_shape(spec: ModelSpec, role: str) -> tuple[int, int]:
     q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
     return {"q": (q, spec.hidden), "k": (kv, spec.hidden), "v": (kv, spec.hidden), "o": (spec.hidden, q),
             "gate": (spec.intermediate, spec.hidden), "up": (spec.intermediate, spec.hidden),
-            "down": (spec.hidden, spec.intermediate)}[role]
+            "down": (spec.hidden, spec.intermediate), "qkv": (q + 2 * kv, spec.hidden)}[role]
 
 
 def check_adapter(adapter: LoraAdapter, alignment: Alignment, adapter_dir: Path) -> None:
