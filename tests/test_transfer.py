@@ -105,6 +105,7 @@ def test_deeper_new_model_fills_new_layers_by_policy(deeper_upgrade, tmp_path, f
     (dict(heads=4, kv_heads=4, layers=3), dict(heads=8, kv_heads=2, layers=2)),   # MHA → GQA, heads up, layers down
     (dict(heads=8, kv_heads=2, head_dim=4), dict(heads=4, kv_heads=4, head_dim=16, hidden=48)),  # heads down, dims up
     (dict(intermediate=64), dict(intermediate=96, layers=3)),                     # MLP and layers up
+    (dict(hidden=48, intermediate=96), dict(hidden=32, intermediate=64)),         # hidden and MLP down
 ])
 def test_shape_changing_upgrades_give_loadable_nonzero_adapters(tmp_path, old_kw, new_kw):
     old, new = shape_pair(tmp_path, old_kw, new_kw)
