@@ -16,12 +16,18 @@ from loramigrate.arch import layer_weights, model_spec
 from tests.helpers import build, permute_and_rotate, randomize_norms, tiny_config
 
 
-def test_permuted_rotated_heads_are_recovered_exactly():
-    old = build(tiny_config("llama", hidden=64, layers=2, heads=8, kv_heads=2, intermediate=96, init=0.2))
-    randomize_norms(old)
+def permuted_pair(layers: int, seed: int, spread: float | None = 0.5):
+    """Old tiny Llama (norm scales spread when given) and a permuted, rotated, norm-folded copy."""
+    old = build(tiny_config("llama", hidden=64, layers=layers, heads=8, kv_heads=2, intermediate=96, init=0.2))
+    if spread:
+        randomize_norms(old, spread=spread)
     new = copy.deepcopy(old)
-    truth = permute_and_rotate(new, seed=5)
-    so, sn = model_spec(old), model_spec(new)
+    truth = permute_and_rotate(new, seed=seed)
+    return old, new, truth, model_spec(old), model_spec(new)
+
+
+def test_permuted_rotated_heads_are_recovered_exactly():
+    old, new, truth, so, sn = permuted_pair(layers=2, seed=5)
     for layer in range(2):
         sim = head_similarity(layer_weights(old, so, layer), layer_weights(new, sn, layer), truth.rotation)
         assert assign_hungarian(sim) == truth.head_map
@@ -29,20 +35,13 @@ def test_permuted_rotated_heads_are_recovered_exactly():
 
 
 def test_sketched_circuits_still_recover_a_clear_permutation():
-    old = build(tiny_config("llama", hidden=64, layers=1, heads=8, kv_heads=2, intermediate=96, init=0.2))
-    new = copy.deepcopy(old)
-    truth = permute_and_rotate(new, seed=7)
-    so, sn = model_spec(old), model_spec(new)
+    old, new, truth, so, sn = permuted_pair(layers=1, seed=7, spread=None)
     sim = head_similarity(layer_weights(old, so, 0), layer_weights(new, sn, 0), truth.rotation, sketch=32)
     assert assign_hungarian(sim) == truth.head_map
 
 
 def test_without_norm_folding_the_circuits_no_longer_match():
-    old = build(tiny_config("llama", hidden=64, layers=1, heads=8, kv_heads=2, intermediate=96, init=0.2))
-    randomize_norms(old, spread=2.0)
-    new = copy.deepcopy(old)
-    truth = permute_and_rotate(new, seed=5)
-    so, sn = model_spec(old), model_spec(new)
+    old, new, truth, so, sn = permuted_pair(layers=1, seed=5, spread=2.0)
     sim = head_similarity(layer_weights(old, so, 0, fold_norms=False), layer_weights(new, sn, 0), truth.rotation)
     assert sim[torch.arange(8), torch.tensor(truth.head_map)].min() < 0.999
 
@@ -77,11 +76,7 @@ def test_rope_dim_map_keeps_pairs_and_frequencies():
 
 
 def test_head_space_maps_are_identity_on_a_function_preserving_upgrade():
-    old = build(tiny_config("llama", hidden=64, layers=1, heads=8, kv_heads=2, intermediate=96, init=0.2))
-    randomize_norms(old)
-    new = copy.deepcopy(old)
-    truth = permute_and_rotate(new, seed=2)
-    so, sn = model_spec(old), model_spec(new)
+    old, new, truth, so, sn = permuted_pair(layers=1, seed=2)
     maps = head_space_maps(layer_weights(old, so, 0), layer_weights(new, sn, 0), truth.rotation, truth.head_map, so, sn)
     for role in ("q", "k", "v"):
         assert torch.allclose(maps[role], torch.eye(8).expand(8, 8, 8), atol=1e-4), role
