@@ -114,6 +114,10 @@ def test_shape_changing_upgrades_give_loadable_nonzero_adapters(tmp_path, old_kw
     cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "--rank", "auto", "-o", tmp_path / "t")
     for name, d in deltas(tmp_path / "t").items():  # verify already reloaded it with stock PEFT
         assert torch.isfinite(d).all() and d.norm() > 0, name
+    report = json.loads((tmp_path / "t" / "transfer_report.json").read_text())
+    used = {r["source_layer"] for r in report["modules"] if r["source"]}
+    dropped_layers = {int(n.split(".")[2]) for n in report["dropped_sources"]}
+    assert used.isdisjoint(dropped_layers) and len(used | dropped_layers) == old_kw.get("layers", 2)
 
 
 def test_classification_head_in_modules_to_save_is_carried(tiny_models, tmp_path):

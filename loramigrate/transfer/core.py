@@ -214,8 +214,8 @@ def transfer_adapter(adapter: LoraAdapter, alignment: Alignment, options: Transf
     for row in report:
         j, role = row["layer"], row["role"]
         delta = written[(j, role)]
-        rank = options.rank or (None if options.energy else row.pop("target_rank"))
-        row.pop("target_rank", None)
+        own_rank = row.pop("target_rank")
+        rank = options.rank or (None if options.energy else own_rank)
         b, a, kept = refactor(delta.b, delta.a, rank, options.energy)
         alpha = _alpha_for_scale(delta.scale, b.shape[1], adapter.rslora)
         modules[row["module"]] = LoraModule(a=a, b=b, alpha=alpha)

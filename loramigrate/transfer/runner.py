@@ -154,8 +154,13 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False) -> Pat
         result = LoraAdapter(config=_peft_config(adapter, alignment, modules), modules=modules,
                              extra=_map_extra(adapter, alignment))
         write_adapter(result, run.tmp_dir)
-        (run.tmp_dir / REPORT).write_text(json.dumps({"modules": report}, indent=2))
+        # old modules whose layer has no place in the new model (fewer layers) are dropped, visibly
+        dropped = sorted(set(adapter.modules) - {r["source"] for r in report})
+        if dropped:
+            log.warning("%d old modules have no target layer and are dropped (see %s)", len(dropped), REPORT)
+        (run.tmp_dir / REPORT).write_text(json.dumps({"modules": report, "dropped_sources": dropped}, indent=2))
         if cfg.verify:
             verify_with_peft(run.tmp_dir, result.config["base_model_name_or_path"], cfg.load, result)
-        run.extra["summary"] = {"modules": len(modules), "filled": sum(r["fill"] != "mapped" for r in report)}
+        run.extra["summary"] = {"modules": len(modules), "filled": sum(r["fill"] != "mapped" for r in report),
+                                "dropped": len(dropped)}
     return out_dir
