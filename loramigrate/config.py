@@ -58,3 +58,32 @@ class TransferConfig(_Config):
     fill: Literal["none", "nearest", "interpolate"] = "none"  # new layers that have no source layer
     verify: bool = True  # reload the output with stock PEFT on the new base and check every module
     load: ModelLoadConfig = ModelLoadConfig()
+
+
+class FinetuneConfig(_Config):
+    """Options of the finetune stage (also trains fresh adapters for baselines)."""
+
+    base: str  # the (new) base model
+    init: str = "fresh"  # PEFT adapter directory to start from, or "fresh"
+    data: str  # training JSONL (prompt/completion)
+    val: str | None = None  # validation JSONL; None = the last 10 % of data
+    rank: int = Field(16, ge=1)  # fresh adapters only
+    alpha: float = Field(32, gt=0)  # fresh adapters only
+    targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_len: int = Field(128, ge=8)
+    lr: float = Field(3e-4, gt=0)
+    lora_plus_ratio: float = Field(1.0, ge=1)  # LoRA+: lr of B = ratio × lr of A
+    warmup: int = Field(0, ge=0)  # linear warm-up steps, then cosine decay to 10 %
+    reg_lambda: float = Field(0.0, ge=0)  # λ at the start of ‖sBA − s₀B₀A₀‖² toward the init
+    reg_final: float = Field(0.0, ge=0)  # λ at the end
+    reg_schedule: Literal["constant", "step", "linear", "cosine", "exponential"] = "step"
+    reg_switch: float = Field(0.5, ge=0, le=1)  # where the step schedule relaxes, as a fraction of steps
+    reg_toward: Literal["init", "zero"] = "init"  # zero = plain weight decay on the delta (ablation)
+    rebalance: Literal["none", "scalar", "full"] = "none"  # RefLoRA factor rebalancing after each step
+    eval_every: int = Field(20, ge=1)
+    eval_limit: int = Field(100, ge=1)
+    target: str | None = None  # "exact_match=0.8" or "loss=0.2": stop at the first evaluation reaching it
+    seed: int = 0
+    load: ModelLoadConfig = ModelLoadConfig()

@@ -10,6 +10,8 @@ from loramigrate.cli.align import EXAMPLES as ALIGN_EXAMPLES
 from loramigrate.cli.align import align
 from loramigrate.cli.evaluate import EXAMPLES as EVAL_EXAMPLES
 from loramigrate.cli.evaluate import evaluate
+from loramigrate.cli.finetune import EXAMPLES as FINETUNE_EXAMPLES
+from loramigrate.cli.finetune import finetune
 from loramigrate.cli.transfer import EXAMPLES as TRANSFER_EXAMPLES
 from loramigrate.cli.transfer import transfer
 
@@ -41,4 +43,5 @@ def main(
 
 app.command(epilog=ALIGN_EXAMPLES)(align)
 app.command(epilog=TRANSFER_EXAMPLES)(transfer)
+app.command(epilog=FINETUNE_EXAMPLES)(finetune)
 app.command("eval", epilog=EVAL_EXAMPLES)(evaluate)

@@ -1,0 +1,113 @@
+"""The finetune stage over artifact directories: validate, train with checkpoints, write the adapter."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from loramigrate.artifacts import config_hash, hash_inputs, is_up_to_date, prepare_output, stage_output
+from loramigrate.config import FinetuneConfig
+from loramigrate.errors import ArtifactError, ConfigError
+from loramigrate.evaluate import generation_metrics, read_task
+from loramigrate.finetune.loop import parse_target, train
+from loramigrate.models import load_model, load_tokenizer, resolve_model
+from loramigrate.progress import ProgressFn, no_progress
+
+log = logging.getLogger(__name__)
+STAGE = "finetune"
+
+
+def _split(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
+    train_task = read_task(cfg.data)
+    if train_task.kind != "generation":
+        raise ConfigError(f"{cfg.data}: finetune trains on prompt/completion rows (classification is not built yet)")
+    if cfg.val:
+        return train_task.rows, read_task(cfg.val, cfg.eval_limit).rows
+    cut = max(1, len(train_task.rows) // 10)
+    if len(train_task.rows) < 2:
+        raise ArtifactError(f"{cfg.data}: needs at least 2 examples to hold one out for validation (or give --val)")
+    return train_task.rows[:-cut], train_task.rows[-cut:][: cfg.eval_limit]
+
+
+def _peft_model(cfg: FinetuneConfig, base):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if cfg.init == "fresh":
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), task_type="CAUSAL_LM")
+        return get_peft_model(base, lora)
+    if not (Path(cfg.init) / "adapter_config.json").is_file():
+        raise ArtifactError(f"--init {cfg.init} is not a PEFT adapter directory (or 'fresh')")
+    try:
+        return PeftModel.from_pretrained(base, cfg.init, is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ArtifactError(f"--init {cfg.init} does not fit the base {cfg.base}: {str(e).splitlines()[0][:200]}") from None
+
+
+def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> Path:
+    """Fine-tune ``cfg.init`` (or a fresh LoRA) on ``cfg.data`` into ``out_dir``; resumable."""
+    out_dir = Path(out_dir)
+    parse_target(cfg.target)
+    rows, val_rows = _split(cfg)
+    ref = resolve_model(cfg.base)
+    prepare_output(out_dir)
+    names = {"base": ref.path, "data": cfg.data, **({"val": cfg.val} if cfg.val else {}),
+             **({"init": cfg.init} if cfg.init != "fresh" else {})}
+    inputs = hash_inputs(names)
+    config = cfg.model_dump()
+    if not force and is_up_to_date(out_dir, STAGE, config, inputs):
+        log.info("%s is up to date; skipping finetune (use --force to redo)", out_dir)
+        return out_dir
+    log.info("finetune config:\n%s", yaml.safe_dump(config, sort_keys=False))
+    ckpt_dir = out_dir.with_name(f"{out_dir.name}.ckpt-{config_hash(config)[:12]}")
+    if force:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(ref)
+    model = _peft_model(cfg, load_model(ref, cfg.load.dtype, cfg.load.device))
+
+    def evaluate(m) -> dict[str, float]:
+        loss, correct = generation_metrics(m, tok, val_rows, cfg.batch_size)
+        return {"loss": loss, "exact_match": sum(correct) / len(correct)}
+
+    with stage_output(out_dir, STAGE, config, inputs) as run:
+        try:
+            history, hit = train(model, tok, rows, cfg, evaluate, ckpt_dir, progress)
+        except FloatingPointError as e:
+            raise ArtifactError(f"training diverged ({e}); the last good checkpoint is in {ckpt_dir}") from None
+        model.save_pretrained(run.tmp_dir)
+        (run.tmp_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        plot_curve(history, run.tmp_dir / "curve.png")
+        run.extra["time_to_target"] = hit
+        run.extra["final"] = next((r for r in reversed(history) if "val_loss" in r), None)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return out_dir
+
+
+def plot_curve(history: list[dict], path: Path) -> None:
+    """Training loss and validation metrics against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1, label="train loss")
+    evals = [r for r in history if "val_loss" in r]
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    twin = ax.twinx()
+    twin.plot([r["step"] for r in evals], [r["val_exact_match"] for r in evals], "s--", color="green",
+              label="val exact match")
+    twin.set_ylabel("exact match")
+    twin.set_ylim(0, 1)
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
