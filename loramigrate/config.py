@@ -82,6 +82,9 @@ class FinetuneConfig(_Config):
     reg_switch: float = Field(0.5, ge=0, le=1)  # where the step schedule relaxes, as a fraction of steps
     reg_toward: Literal["init", "zero"] = "init"  # zero = plain weight decay on the delta (ablation)
     rebalance: Literal["none", "scalar", "full"] = "none"  # RefLoRA factor rebalancing after each step
+    restart_every: int = Field(0, ge=0)  # ReLoRA: merge the factors into the base and restart every N steps (0: off)
+    restart_prune: float = Field(0.99, ge=0, le=1)  # fraction of optimiser moments zeroed at a restart (by magnitude)
+    restart_warmup: int = Field(5, ge=0)  # steps to re-warm the learning rate after a restart
     eval_every: int = Field(20, ge=1)
     eval_limit: int = Field(100, ge=1)
     target: str | None = None  # "exact_match=0.8" or "loss=0.2": stop at the first evaluation reaching it

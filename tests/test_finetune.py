@@ -101,3 +101,54 @@ def test_bad_input(tiny_models, task, tmp_path):
         result = runner.invoke(app, ["finetune", "--base", str(tiny_models["llama"]), "-o", str(tmp_path / "o"), *args])
         assert result.exit_code == 1 and match in result.stderr, (args, result.output)
         assert not (tmp_path / "o").exists()
+
+
+def peft_tiny(model_dir, r=4):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False))
+    return model.eval()
+
+
+def test_a_relora_restart_leaves_the_model_function_unchanged(tiny_models):
+    model = peft_tiny(tiny_models["llama"])
+    factors = loop.lora_factors(model, "init")
+    opt = torch.optim.AdamW([p for f in factors.values() for p in (f.a, f.b)])
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    loop.restart(factors, opt, prune=0.99, seed=0)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    assert all(float(f.b.abs().max()) == 0 and float(f.a.abs().max()) > 0 for f in factors.values())
+
+
+def test_folding_restarts_restores_the_base_and_keeps_the_best_rank_r_delta(tiny_models):
+    model = peft_tiny(tiny_models["llama"], r=3)
+    factors = loop.lora_factors(model, "init")
+    originals = {n: f.base.detach().clone() for n, f in factors.items()}
+    opt = torch.optim.AdamW([p for f in factors.values() for p in (f.a, f.b)])
+    totals = {n: torch.zeros_like(f.base) for n, f in factors.items()}
+    for k in range(3):  # three rounds: perturb B, record the delta, restart
+        with torch.no_grad():
+            for n, f in factors.items():
+                f.b.copy_(torch.randn(f.b.shape, generator=torch.Generator().manual_seed(k)))
+                totals[n] += f.scale * f.b @ f.a
+        if k < 2:
+            loop.restart(factors, opt, prune=0.0, seed=k)
+    loop.fold_restarts(factors, rank=3)
+    for n, f in factors.items():
+        assert torch.allclose(f.base, originals[n], atol=1e-5)
+        u, s, vh = torch.linalg.svd(totals[n].double())
+        best = (u[:, :3] * s[:3]) @ vh[:3]
+        assert torch.allclose((f.scale * f.b @ f.a).double(), best, atol=1e-4)
+
+
+def test_finetune_with_restarts_learns_and_saves_rank_r(tiny_models, task, tmp_path):
+    out = run_finetune(config(tiny_models["llama"], task, restart_every=10), tmp_path / "ft")
+    evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert all(m.rank == 4 for m in read_adapter(out).modules.values())

@@ -40,6 +40,9 @@ def finetune(
     reg_switch: Annotated[float, typer.Option(help="Where the step schedule relaxes (fraction of steps).")] = 0.5,
     reg_toward: Annotated[str, typer.Option(help="init, or zero (plain decay, for ablations).")] = "init",
     rebalance: Annotated[str, typer.Option(help="RefLoRA factor rebalancing: none, scalar or full.")] = "none",
+    restart_every: Annotated[int, typer.Option(help="ReLoRA: merge and restart the factors every N steps (0: off).")] = 0,
+    restart_prune: Annotated[float, typer.Option(help="Fraction of optimiser moments zeroed at a restart.")] = 0.99,
+    restart_warmup: Annotated[int, typer.Option(help="Steps to re-warm the learning rate after a restart.")] = 5,
     eval_every: Annotated[int, typer.Option(help="Evaluate (and checkpoint) every N steps.")] = 20,
     target: Annotated[str | None, typer.Option(help="Stop when reached: exact_match=0.8 or loss=0.2.")] = None,
     dtype: DtypeOpt = "auto",
@@ -56,6 +59,7 @@ def finetune(
         targets=[t.strip() for t in targets.split(",") if t.strip()], steps=steps, batch_size=batch_size, lr=lr,
         lora_plus_ratio=lora_plus_ratio, warmup=warmup, reg_lambda=reg_lambda, reg_final=reg_final,
         reg_schedule=reg_schedule, reg_switch=reg_switch, reg_toward=reg_toward, rebalance=rebalance,
+        restart_every=restart_every, restart_prune=restart_prune, restart_warmup=restart_warmup,
         eval_every=eval_every, target=target, seed=seed, load=ModelLoadConfig(dtype=dtype, device=device),
     )
     with progress_bars() as progress:

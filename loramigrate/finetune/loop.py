@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,13 +31,16 @@ CKPT = "checkpoint.pt"
 
 @dataclass
 class LoraFactors:
-    """One adapted module: its trainable factors, scale, and the factors it is regularised toward."""
+    """One adapted module: its trainable factors, scale, the factors it is regularised toward, the
+    base weight, and the (s·B, A) pairs merged into it by ReLoRA restarts."""
 
     a: nn.Parameter
     b: nn.Parameter
     scale: float
     a0: torch.Tensor
     b0: torch.Tensor
+    base: torch.Tensor
+    merged: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def lora_factors(model: nn.Module, toward: str) -> dict[str, LoraFactors]:
@@ -49,7 +52,8 @@ def lora_factors(model: nn.Module, toward: str) -> dict[str, LoraFactors]:
             keep = toward == "init"
             out[name] = LoraFactors(a=a, b=b, scale=float(module.scaling["default"]),
                                     a0=a.detach().clone() if keep else torch.zeros_like(a[:1]),
-                                    b0=b.detach().clone() if keep else torch.zeros_like(b[:, :1]))
+                                    b0=b.detach().clone() if keep else torch.zeros_like(b[:, :1]),
+                                    base=module.base_layer.weight)
     return out
 
 
@@ -115,6 +119,8 @@ def train(model: nn.Module, tok, rows: list[dict], cfg: FinetuneConfig, evaluate
             for name, f in factors.items():
                 f.a.copy_(state["factors"][name]["a"])
                 f.b.copy_(state["factors"][name]["b"])
+                for sb, a in state["factors"][name]["merged"]:
+                    _merge(f, sb, a)
         opt.load_state_dict(state["optimizer"])
         start_step, elapsed, log = state["step"], state["elapsed"], state["log"]
     target = parse_target(cfg.target)
@@ -131,13 +137,18 @@ def train(model: nn.Module, tok, rows: list[dict], cfg: FinetuneConfig, evaluate
         loss = task + lam * reg
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}")
+        rewarm = 1.0  # after a restart the learning rate climbs again from zero (ReLoRA's re-warm-up)
+        if cfg.restart_every and step >= cfg.restart_every and cfg.restart_warmup:
+            rewarm = min(1.0, (step % cfg.restart_every) / cfg.restart_warmup)
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = lr * _lr_factor(step, cfg.steps, cfg.warmup)
+            g["lr"] = lr * _lr_factor(step, cfg.steps, cfg.warmup) * rewarm
         opt.zero_grad()
         loss.backward()
         opt.step()
         if cfg.rebalance != "none":
             _rebalance(factors, cfg.rebalance)
+        if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step + 1 < cfg.steps:
+            restart(factors, opt, cfg.restart_prune, seed=cfg.seed + step)
         row = {"step": step + 1, "s": round(time.perf_counter() - clock, 3), "loss": float(task),
                "reg": float(reg), "lambda": lam, "lr": opt.param_groups[0]["lr"]}
         done = step + 1 == cfg.steps
@@ -154,7 +165,55 @@ def train(model: nn.Module, tok, rows: list[dict], cfg: FinetuneConfig, evaluate
         else:
             log.append(row)
         progress("finetune", step + 1, cfg.steps)
+    if cfg.restart_every:
+        fold_restarts(factors, rank=next(iter(factors.values())).a.shape[0])
     return log, hit
+
+
+def _merge(f: LoraFactors, sb: torch.Tensor, a: torch.Tensor) -> None:
+    with torch.no_grad():
+        f.base += (sb @ a).to(f.base.dtype)
+    f.merged.append((sb, a))
+
+
+def restart(factors: dict[str, LoraFactors], opt: torch.optim.Optimizer, prune: float, seed: int) -> None:
+    """ReLoRA (Lialin et al. 2023): fold s·B·A into the base weight, re-initialise A (Kaiming) and B (zero,
+    so the model function is unchanged), and zero the ``prune`` fraction of smallest optimiser moments."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for f in factors.values():
+            _merge(f, (f.scale * f.b).detach().cpu().clone(), f.a.detach().cpu().clone())
+            bound = 1 / math.sqrt(f.a.shape[1])  # kaiming_uniform(a=√5), as PEFT initialises A
+            f.a.copy_(torch.empty(f.a.shape).uniform_(-bound, bound, generator=g))
+            f.b.zero_()
+            for p in (f.a, f.b):
+                state = opt.state.get(p, {})
+                if prune > 0 and "exp_avg_sq" in state:
+                    # one mask for both moments (by the second): a kept first moment over a zeroed
+                    # second one would make a huge step
+                    v = state["exp_avg_sq"]
+                    drop = v <= torch.quantile(v.flatten().float(), prune)
+                    v.masked_fill_(drop, 0.0)
+                    state["exp_avg"].masked_fill_(drop, 0.0)
+
+
+def fold_restarts(factors: dict[str, LoraFactors], rank: int) -> None:
+    """After training with restarts: restore each base weight and put Σ merged + current deltas back
+    into the factors, re-factorised to ``rank`` (from the stacked factors, never densely)."""
+    from loramigrate.transfer.core import refactor
+
+    with torch.no_grad():
+        for f in factors.values():
+            if not f.merged:
+                continue
+            sbs = [sb for sb, _ in f.merged] + [(f.scale * f.b).detach().cpu()]
+            a_s = [a for _, a in f.merged] + [f.a.detach().cpu()]
+            for sb, a in f.merged:
+                f.base -= (sb @ a).to(f.base.dtype)
+            b_k, a_k, _ = refactor(torch.cat(sbs, 1), torch.cat(a_s, 0), rank=rank)
+            f.b.copy_((b_k / f.scale).to(f.b.dtype))
+            f.a.copy_(a_k.to(f.a.dtype))
+            f.merged.clear()
 
 
 def _rebalance(factors: dict[str, LoraFactors], how: str) -> None:
@@ -169,6 +228,7 @@ def _rebalance(factors: dict[str, LoraFactors], how: str) -> None:
 def _checkpoint(path: Path, factors: dict[str, LoraFactors], opt: torch.optim.Optimizer, step: int, elapsed: float,
                 log: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"factors": {n: {"a": f.a.detach().cpu(), "b": f.b.detach().cpu()} for n, f in factors.items()},
+    torch.save({"factors": {n: {"a": f.a.detach().cpu(), "b": f.b.detach().cpu(), "merged": f.merged}
+                            for n, f in factors.items()},
                 "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed, "log": log}, tmp)
     tmp.replace(path)

@@ -51,6 +51,8 @@ def _peft_model(cfg: FinetuneConfig, base):
 def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> Path:
     """Fine-tune ``cfg.init`` (or a fresh LoRA) on ``cfg.data`` into ``out_dir``; resumable."""
     out_dir = Path(out_dir)
+    if cfg.restart_every and cfg.reg_lambda > 0:
+        raise ConfigError("ReLoRA restarts and regularisation toward the init cannot be combined yet")
     parse_target(cfg.target)
     rows, val_rows = _split(cfg)
     ref = resolve_model(cfg.base)
