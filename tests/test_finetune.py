@@ -92,15 +92,23 @@ def test_refLoRA_rebalancing_trains_with_balanced_factors(tiny_models, task, tmp
 
 
 def test_bad_input(tiny_models, task, tmp_path):
+    from tests.helpers import make_tiny
+
+    other_adapter = make_lora(make_tiny("llama", tmp_path / "wide", hidden=48), tmp_path / "other", targets=TARGETS)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
+    long_prompts = tmp_path / "long.jsonl"
+    long_prompts.write_text("".join(json.dumps({"prompt": " ".join(WORDS[i:i + 12]), "completion": " water"}) + "\n"
+                                    for i in range(10)))
     cases = [(["--data", str(empty)], "holds no examples"),
              (["--data", str(task), "--init", str(tmp_path)], "not a PEFT adapter directory"),
-             (["--data", str(task), "--target", "accuracy"], "target")]
+             (["--data", str(task), "--target", "accuracy"], "target"),
+             (["--data", str(long_prompts), "--max-len", "8"], "cuts every completion"),
+             (["--data", str(task), "--init", str(other_adapter)], "does not fit the base")]
     for args, match in cases:
         result = runner.invoke(app, ["finetune", "--base", str(tiny_models["llama"]), "-o", str(tmp_path / "o"), *args])
         assert result.exit_code == 1 and match in result.stderr, (args, result.output)
-        assert not (tmp_path / "o").exists()
+        assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.ckpt-*"))
 
 
 def peft_tiny(model_dir, r=4):

@@ -31,6 +31,7 @@ def finetune(
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
+    max_len: Annotated[int, typer.Option(help="Tokens per example (prompt + completion).")] = 128,
     lr: Annotated[float, typer.Option(help="Learning rate of A (and of B times --lora-plus-ratio).")] = 3e-4,
     lora_plus_ratio: Annotated[float, typer.Option(help="LoRA+: learning-rate ratio of B to A.")] = 1.0,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps before the cosine decay.")] = 0,
@@ -56,7 +57,8 @@ def finetune(
 
     cfg = FinetuneConfig(
         base=base, init=init, data=str(data), val=str(val) if val else None, rank=rank, alpha=alpha,
-        targets=[t.strip() for t in targets.split(",") if t.strip()], steps=steps, batch_size=batch_size, lr=lr,
+        targets=[t.strip() for t in targets.split(",") if t.strip()], steps=steps, batch_size=batch_size,
+        max_len=max_len, lr=lr,
         lora_plus_ratio=lora_plus_ratio, warmup=warmup, reg_lambda=reg_lambda, reg_final=reg_final,
         reg_schedule=reg_schedule, reg_switch=reg_switch, reg_toward=reg_toward, rebalance=rebalance,
         restart_every=restart_every, restart_prune=restart_prune, restart_warmup=restart_warmup,

@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 STAGE = "finetune"
 
 
+def _check_lengths(tok, rows: list[dict], max_len: int, data: str) -> None:
+    """Every completion cut away by ``max_len`` would train on nothing."""
+    if all(len(tok(r["prompt"])["input_ids"]) >= max_len for r in rows[:200]):
+        raise ConfigError(f"{data}: max_len {max_len} cuts every completion; raise --max-len")
+
+
 def _split(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
     train_task = read_task(cfg.data)
     if train_task.kind != "generation":
@@ -65,13 +71,15 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
         log.info("%s is up to date; skipping finetune (use --force to redo)", out_dir)
         return out_dir
     log.info("finetune config:\n%s", yaml.safe_dump(config, sort_keys=False))
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(ref)
+    _check_lengths(tok, rows, cfg.max_len, cfg.data)
+    model = _peft_model(cfg, load_model(ref, cfg.load.dtype, cfg.load.device))
+    # checkpoints live beside the output, keyed by the config, so a rerun of the same command resumes
     ckpt_dir = out_dir.with_name(f"{out_dir.name}.ckpt-{config_hash(config)[:12]}")
     if force:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    tok = load_tokenizer(ref)
-    model = _peft_model(cfg, load_model(ref, cfg.load.dtype, cfg.load.device))
 
     def evaluate(m) -> dict[str, float]:
         loss, correct = generation_metrics(m, tok, val_rows, cfg.batch_size)
