@@ -149,8 +149,8 @@ def train(model: nn.Module, tok, rows: list[dict], cfg: FinetuneConfig, evaluate
             _rebalance(factors, cfg.rebalance)
         if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step + 1 < cfg.steps:
             restart(factors, opt, cfg.restart_prune, seed=cfg.seed + step)
-        row = {"step": step + 1, "s": round(time.perf_counter() - clock, 3), "loss": float(task),
-               "reg": float(reg), "lambda": lam, "lr": opt.param_groups[0]["lr"]}
+        row = {"step": step + 1, "s": round(time.perf_counter() - clock, 3), "loss": float(task.detach()),
+               "reg": float(reg.detach()), "lambda": lam, "lr": opt.param_groups[0]["lr"]}
         done = step + 1 == cfg.steps
         if (step + 1) % cfg.eval_every == 0 or done:
             model.eval()
