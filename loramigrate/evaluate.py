@@ -135,7 +135,14 @@ def _greedy_matches(model: nn.Module, tok, prompts: list[list[int]], batch: list
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=tok.pad_token_id)
     texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [t.strip().split("\n")[0].strip() == r["completion"].strip() for t, r in zip(texts, batch, strict=True)]
+    return [answer_matches(t, r["completion"]) for t, r in zip(texts, batch, strict=True)]
+
+
+def answer_matches(generated: str, target: str) -> bool:
+    """Exact match of the answer: the generation starts with the target and the target ends at a word
+    boundary there (models trained without an end token keep generating after the answer)."""
+    text, want = generated.strip(), target.strip()
+    return text.startswith(want) and (len(text) == len(want) or not text[len(want)].isalnum())
 
 
 @torch.no_grad()

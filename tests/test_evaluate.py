@@ -79,3 +79,11 @@ def test_eval_cli_bad_input(tiny_models, tmp_path, gen_data):
     result = runner.invoke(app, ["eval", "--base", str(tiny_models["llama"]), "--adapter", str(tmp_path / "none"),
                                  "--data", str(gen_data)])
     assert result.exit_code == 1 and "not a PEFT adapter directory" in result.stderr and result.stdout == ""
+
+
+def test_answer_matches_at_a_word_boundary():
+    from loramigrate.evaluate import answer_matches
+
+    assert answer_matches(" 927 What is 12 plus 3?", "927")
+    assert answer_matches("927\n", " 927")
+    assert not answer_matches(" 9271", "927") and not answer_matches("The answer is 927", "927")
