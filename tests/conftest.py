@@ -62,13 +62,6 @@ def shape_pair(root: Path, old_kw: dict, new_kw: dict, family: str = "llama") ->
     return (make_tiny(family, root / "old", seed=0, **old_kw), make_tiny(family, root / "new", seed=1, **new_kw))
 
 
-@pytest.fixture(scope="session")
-def cache_dir() -> Path:
-    if not (CACHE / "models").is_dir():
-        pytest.skip(f"real-model cache {CACHE}/models absent: run scripts/fetch_testbed.sh first")
-    return CACHE
-
-
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

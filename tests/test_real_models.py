@@ -1,4 +1,8 @@
-"""align on the real testbed pairs (needs scripts/fetch_testbed.sh). Run: pytest -m slow"""
+"""align on the real testbed pairs. Run: bash scripts/fetch_testbed.sh [--qwen] && pytest -m slow
+
+Each test runs when the models it names are in the cache, and is skipped, saying which fetch
+brings them, when they are not.
+"""
 
 import json
 
@@ -8,9 +12,18 @@ from typer.testing import CliRunner
 
 from loramigrate.alignment import load_alignment
 from loramigrate.cli.main import app
+from tests.conftest import CACHE
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
+MODELS = CACHE / "models"
+
+
+def needs(*names: str):
+    missing = [n for n in names if not (MODELS / n).is_dir()]
+    fetch = "scripts/fetch_testbed.sh --qwen" if any(n.startswith("qwen") for n in missing) else "scripts/fetch_testbed.sh"
+    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not in {MODELS}: run {fetch}")
+
 
 PAIRS = {
     "minilm-l3→l6": ("minilm-l3", "minilm-l6"),          # BERT, same tokenizer, 3 → 6 layers
@@ -18,11 +31,9 @@ PAIRS = {
 }
 
 
-@pytest.mark.parametrize("pair", sorted(PAIRS))
-def test_align_real_pair(cache_dir, tmp_path, pair):
-    old, new = (cache_dir / "models" / name for name in PAIRS[pair])
-    if not new.is_dir():
-        pytest.skip(f"{new} absent: run scripts/fetch_testbed.sh --qwen")
+@pytest.mark.parametrize("pair", [pytest.param(k, marks=needs(*v)) for k, v in sorted(PAIRS.items())])
+def test_align_real_pair(tmp_path, pair):
+    old, new = (MODELS / name for name in PAIRS[pair])
     out = tmp_path / "align"
     result = runner.invoke(app, ["-q", "align", "--old", str(old), "--new", str(new), "--max-tokens", "1024",
                                  "-o", str(out)])
@@ -41,11 +52,12 @@ def test_align_real_pair(cache_dir, tmp_path, pair):
     assert (out / "cka.png").stat().st_size > 1000
 
 
-def test_near_identity_real_pair_gives_identity_maps(cache_dir, tmp_path):
+@needs("minilm-l6-int8", "minilm-l6")
+def test_near_identity_real_pair_gives_identity_maps(tmp_path):
     """Pair B: all-MiniLM-L6-v2 int8-dequantised → fp32, weights within ~2 %."""
     out = tmp_path / "align"
-    result = runner.invoke(app, ["-q", "align", "--old", str(cache_dir / "models" / "minilm-l6-int8"),
-                                 "--new", str(cache_dir / "models" / "minilm-l6"), "-o", str(out)])
+    result = runner.invoke(app, ["-q", "align", "--old", str(MODELS / "minilm-l6-int8"),
+                                 "--new", str(MODELS / "minilm-l6"), "-o", str(out)])
     assert result.exit_code == 0, result.output
     a = load_alignment(out)
     assert a.layer_map == list(range(6))

@@ -92,7 +92,6 @@ class MinibatchCKA:
         self.hsic_xy: torch.Tensor | None = None
         self.hsic_xx: torch.Tensor | None = None
         self.hsic_yy: torch.Tensor | None = None
-        self.chunks = 0
 
     def update(self, old: torch.Tensor, new: torch.Tensor) -> None:
         self._old.append(old.double())
@@ -114,7 +113,6 @@ class MinibatchCKA:
             self.hsic_xy += xy
             self.hsic_xx += xx
             self.hsic_yy += yy
-        self.chunks += 1
 
     def result(self) -> torch.Tensor:
         if self._buffered >= 4:  # a short last chunk still carries information
