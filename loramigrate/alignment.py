@@ -56,10 +56,15 @@ class ModelProfile:
 
     norms (L, 2, hidden): pre-norm scales before attention and MLP (ones for post-norm models);
     weight_norms (L, 7): Frobenius norm of each projection, norm scale folded in, ``arch.ROLES`` order.
+    final_norm (hidden,): scale of the norm after the last block (ones when none or not recorded).
     """
 
     norms: torch.Tensor
     weight_norms: torch.Tensor
+    final_norm: torch.Tensor | None = None
+
+    def final_scale(self) -> torch.Tensor:
+        return self.final_norm if self.final_norm is not None else torch.ones(self.norms.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ def save_alignment(a: Alignment, out_dir: Path) -> None:
     for side, prof in (("old", a.old_profile), ("new", a.new_profile)):
         tensors[f"{side}.norms"] = prof.norms.float().contiguous()
         tensors[f"{side}.weight_norms"] = prof.weight_norms.float().contiguous()
+        tensors[f"{side}.final_norm"] = prof.final_scale().float().contiguous()
     for j, la in a.layers.items():
         tensors[f"layers.{j}.head_sim"] = la.head_sim.float().contiguous()
         tensors[f"layers.{j}.head_map"] = _none_to_neg(la.head_map)
@@ -150,7 +156,8 @@ def load_alignment(align_dir: Path) -> Alignment:
         for j, src in enumerate(layer_map) if src is not None
     }
     info = {k: v for k, v in meta.items() if k not in ("old", "new", "layer_map", "head_map", "kv_map")}
-    profiles = {side: ModelProfile(norms=t[f"{side}.norms"], weight_norms=t[f"{side}.weight_norms"])
+    profiles = {side: ModelProfile(norms=t[f"{side}.norms"], weight_norms=t[f"{side}.weight_norms"],
+                                   final_norm=t.get(f"{side}.final_norm"))
                 for side in ("old", "new")}
     return Alignment(old=ModelSpec(**meta["old"]), new=ModelSpec(**meta["new"]), cka=t["cka"],
                      layer_map=layer_map, transfer=t["transfer"], layers=layers, old_profile=profiles["old"],

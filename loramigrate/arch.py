@@ -45,6 +45,7 @@ class ModelSpec:
         modules: role (q, k, v, o, gate, up, down, or qkv when fused) → path inside a block.
         norms: ``attn_in`` / ``mlp_in`` → path of the pre-norm inside a block (empty when post-norm).
         embed_path: dotted path of the input embedding module.
+        final_norm: dotted path of the norm after the last block ("" when there is none, e.g. post-norm).
     """
 
     model_type: str
@@ -59,6 +60,7 @@ class ModelSpec:
     modules: dict[str, str]
     norms: dict[str, str] = field(default_factory=dict)
     embed_path: str = ""
+    final_norm: str = ""
     tied_embeddings: bool = False
     base_prefix: str = ""  # base_model_prefix: task wrappers (…ForSequenceClassification) nest the base under it
     rope_theta: float | None = None  # None: no rotary embeddings (absolute or relative positions)
@@ -170,6 +172,9 @@ def model_spec(model: nn.Module) -> ModelSpec:
     norms = _find_paths(block, NORM_PATHS) if "input_layernorm" in dict(block.named_modules()) else {}
     embed = model.get_input_embeddings()
     embed_path = next(n for n, m in model.named_modules() if m is embed)
+    stack = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
+    final_norm = next((f"{stack}.{n}".lstrip(".") for n, m in model.get_submodule(stack).named_children()
+                       if "norm" in type(m).__name__.lower()), "")
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
     rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if theta else None
@@ -186,6 +191,7 @@ def model_spec(model: nn.Module) -> ModelSpec:
         modules=modules,
         norms=norms,
         embed_path=embed_path,
+        final_norm=final_norm,
         tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         base_prefix=str(getattr(model, "base_model_prefix", "") or ""),
         rope_theta=float(theta) if theta else None,
@@ -252,13 +258,14 @@ def layer_weights(model: nn.Module, spec: ModelSpec, layer: int, fold_norms: boo
                         up=up, down=down, gate=gate)
 
 
-def model_profile(model: nn.Module, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def model_profile(model: nn.Module, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What transfer needs of a base model without loading it again.
 
     Returns:
         norms (L, 2, hidden): effective pre-norm scales in front of attention and MLP (ones when
             post-norm); weight_norms (L, len(ROLES)): Frobenius norm of each projection with its norm
-            scale folded in (0 if absent), so update sizes compare across differently scaled norms.
+            scale folded in (0 if absent), so update sizes compare across differently scaled norms;
+        final_norm (hidden,): the scale of the norm after the last block, which task heads read through.
     """
     norms = torch.ones(spec.n_layers, 2, spec.hidden)
     weight_norms = torch.zeros(spec.n_layers, len(ROLES))
@@ -270,7 +277,8 @@ def model_profile(model: nn.Module, spec: ModelSpec) -> tuple[torch.Tensor, torc
         for r, role in enumerate(ROLES):
             tensor = getattr(w, role)
             weight_norms[i, r] = 0.0 if tensor is None else float(tensor.norm())
-    return norms, weight_norms
+    final = norm_scale(model.get_submodule(spec.final_norm), spec.hidden) if spec.final_norm else torch.ones(spec.hidden)
+    return norms, weight_norms, final
 
 
 def input_embeddings(model: nn.Module) -> torch.Tensor:

@@ -65,13 +65,15 @@ class FinetuneConfig(_Config):
 
     base: str  # the (new) base model
     init: str = "fresh"  # PEFT adapter directory to start from, or "fresh"
-    data: str  # training JSONL (prompt/completion)
+    data: str  # training JSONL: prompt/completion rows, or text/label rows (trains a classification head)
     val: str | None = None  # validation JSONL; None = the last 10 % of data
     rank: int = Field(16, ge=1)  # fresh adapters only
     alpha: float = Field(32, gt=0)  # fresh adapters only
-    targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets: list[str] | None = None  # fresh adapters only; None: every linear of the blocks (from the architecture)
     steps: int = Field(100, ge=1)
+    epochs: float | None = Field(None, gt=0)  # when set, replaces `steps` by the steps that pass over the data this often
     batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)  # micro-batches of batch_size per optimiser step
     max_len: int = Field(128, ge=8)
     lr: float = Field(3e-4, gt=0)
     lora_plus_ratio: float = Field(1.0, ge=1)  # LoRA+: lr of B = ratio × lr of A
@@ -87,6 +89,6 @@ class FinetuneConfig(_Config):
     restart_warmup: int = Field(5, ge=0)  # steps to re-warm the learning rate after a restart
     eval_every: int = Field(20, ge=1)
     eval_limit: int = Field(100, ge=1)
-    target: str | None = None  # "exact_match=0.8" or "loss=0.2": stop at the first evaluation reaching it
+    target: str | None = None  # "exact_match=0.8", "accuracy=0.6" or "loss=0.2": stop at the first evaluation reaching it
     seed: int = 0
     load: ModelLoadConfig = ModelLoadConfig()

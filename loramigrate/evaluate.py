@@ -82,7 +82,7 @@ def read_task(path: str | Path, limit: int | None = None) -> Task:
     return Task(kind=kind, rows=rows, labels=labels)
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -110,7 +110,7 @@ def completion_batch(tok, rows: list[dict], max_len: int | None = None
 def generation_metrics(model: nn.Module, tok, rows: list[dict], batch_size: int,
                        progress: ProgressFn = no_progress, label: str = "eval") -> tuple[float, list[bool]]:
     """Mean loss over completion tokens and per-example exact match of greedy decoding."""
-    dev = _device(model)
+    dev = model_device(model)
     total_loss, total_tokens, correct = 0.0, 0, []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
@@ -131,7 +131,7 @@ def _greedy_matches(model: nn.Module, tok, prompts: list[list[int]], batch: list
     for i, p in enumerate(prompts):  # left padding, so every prompt ends where generation starts
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    dev = _device(model)
+    dev = model_device(model)
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=tok.pad_token_id)
     texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
@@ -145,17 +145,22 @@ def answer_matches(generated: str, target: str) -> bool:
     return text.startswith(want) and (len(text) == len(want) or not text[len(want)].isalnum())
 
 
+def label_batch(tok, rows: list[dict], labels: list[str], max_len: int = 256) -> tuple[dict, torch.Tensor]:
+    """Tokenised, padded texts and the class index of each row (labels in sorted order)."""
+    enc = tok([r["text"] for r in rows], return_tensors="pt", padding=True, truncation=True, max_length=max_len)
+    return dict(enc), torch.tensor([labels.index(str(r["label"])) for r in rows])
+
+
 @torch.no_grad()
 def classification_metrics(model: nn.Module, tok, rows: list[dict], labels: list[str], batch_size: int,
                            progress: ProgressFn = no_progress, label: str = "eval") -> tuple[float, list[bool]]:
     """Mean cross-entropy and per-example correctness of a sequence-classification model."""
-    dev = _device(model)
-    index = {name: i for i, name in enumerate(labels)}
+    dev = model_device(model)
     total, correct = 0.0, []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        enc = tok([r["text"] for r in batch], return_tensors="pt", padding=True, truncation=True, max_length=256)
-        target = torch.tensor([index[str(r["label"])] for r in batch], device=dev)
+        enc, target = label_batch(tok, batch, labels)
+        target = target.to(dev)
         logits = model(**{k: v.to(dev) for k, v in enc.items()}).logits.float()
         if logits.shape[-1] != len(labels):
             raise ConfigError(f"the model predicts {logits.shape[-1]} classes, the data has {len(labels)} labels")

@@ -64,7 +64,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_models, task, tmp_path
 
     def crash_after_second(path, *args):
         real(path, *args)
-        if args[2] == 20:  # step
+        if args[3] == 20:  # step
             raise KeyboardInterrupt
     monkeypatch.setattr(loop, "_checkpoint", crash_after_second)
     with pytest.raises(KeyboardInterrupt):

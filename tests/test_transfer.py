@@ -186,3 +186,42 @@ def test_fused_qkv_adapter_follows_permuted_heads(tmp_path):
     ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
     want, got = logits(old, adapter, ids), logits(new, tmp_path / "t", ids)
     assert (want - got).abs().max() < 1e-3 * max(1.0, float(want.abs().max()))
+
+
+def test_a_trained_classifier_moves_through_a_rotated_upgrade_with_the_same_logits(aligned_upgrade, tmp_path):
+    """finetune trains a Llama classifier (LoRA + `score` head); its head reads the rotated residual."""
+    old, new, _, align_dir = aligned_upgrade
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps({"text": f"word{i} day", "label": "ab"[i % 2]}) + "\n" for i in range(12)))
+    cli("finetune", "--base", old, "--data", data, "--steps", "3", "--rank", "4", "--lr", "1e-2", "-o", tmp_path / "cls")
+    cli("transfer", "--align", align_dir, "--adapter", tmp_path / "cls", "-o", tmp_path / "t")
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def cls_logits(base_dir, adapter_dir):
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+        base.config.pad_token_id = 0
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+    assert torch.allclose(cls_logits(old, tmp_path / "cls"), cls_logits(new, tmp_path / "t"), atol=1e-4)
+
+
+def test_a_head_chain_maps_only_the_module_that_reads_the_hidden_state(aligned_upgrade):
+    """pooler → classifier: the pooler reads the final-normed residual; the classifier reads the pooler's output."""
+    from loramigrate.adapters import LoraAdapter
+    from loramigrate.alignment import load_alignment
+    from loramigrate.transfer.core import pseudo_inverse
+    from loramigrate.transfer.runner import _map_extra
+
+    *_, align_dir = aligned_upgrade
+    alignment = load_alignment(align_dir)
+    d = alignment.old.hidden
+    g = torch.Generator().manual_seed(0)
+    extra = {"pooler.dense.weight": torch.randn(d, d, generator=g), "pooler.dense.bias": torch.randn(d, generator=g),
+             "classifier.weight": torch.randn(3, d, generator=g), "classifier.bias": torch.randn(3, generator=g)}
+    mapped = _map_extra(LoraAdapter(config={}, modules={}, extra=extra), alignment)
+    g_old, g_new = alignment.old_profile.final_scale(), alignment.new_profile.final_scale()
+    reads = extra["pooler.dense.weight"] * g_old @ pseudo_inverse(alignment.transfer) / g_new
+    assert torch.allclose(mapped["pooler.dense.weight"], reads, atol=1e-5)
+    for key in ("pooler.dense.bias", "classifier.weight", "classifier.bias"):
+        assert torch.equal(mapped[key], extra[key]), key

@@ -21,16 +21,18 @@ Examples:
 @handle_errors
 def finetune(
     base: Annotated[str, typer.Option(help="Base model (the new one): HF directory, .gguf file or hub id.")],
-    data: Annotated[Path, typer.Option(help="Training JSONL with prompt/completion rows.")],
+    data: Annotated[Path, typer.Option(help="Training JSONL: prompt/completion rows, or text/label rows (a classifier).")],
     out: OutDirOpt,
     init: Annotated[str, typer.Option(help="Adapter directory to start from, or 'fresh'.")] = "fresh",
     val: Annotated[Path | None, typer.Option(help="Validation JSONL (default: the last 10 % of --data).")] = None,
     rank: Annotated[int, typer.Option(help="Rank of a fresh adapter.")] = 16,
     alpha: Annotated[float, typer.Option(help="lora_alpha of a fresh adapter.")] = 32,
-    targets: Annotated[str, typer.Option(help="Comma-separated target modules of a fresh adapter.")] =
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    targets: Annotated[str, typer.Option(help="Comma-separated target modules of a fresh adapter "
+                                         "(default: every linear of the transformer blocks).")] = "",
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data (replaces --steps).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimiser step.")] = 1,
     max_len: Annotated[int, typer.Option(help="Tokens per example (prompt + completion).")] = 128,
     lr: Annotated[float, typer.Option(help="Learning rate of A (and of B times --lora-plus-ratio).")] = 3e-4,
     lora_plus_ratio: Annotated[float, typer.Option(help="LoRA+: learning-rate ratio of B to A.")] = 1.0,
@@ -45,7 +47,8 @@ def finetune(
     restart_prune: Annotated[float, typer.Option(help="Fraction of optimiser moments zeroed at a restart.")] = 0.99,
     restart_warmup: Annotated[int, typer.Option(help="Steps to re-warm the learning rate after a restart.")] = 5,
     eval_every: Annotated[int, typer.Option(help="Evaluate (and checkpoint) every N steps.")] = 20,
-    target: Annotated[str | None, typer.Option(help="Stop when reached: exact_match=0.8 or loss=0.2.")] = None,
+    target: Annotated[str | None, typer.Option(help="Stop when reached: exact_match=0.8, accuracy=0.6 or loss=0.2.")
+                      ] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -57,8 +60,8 @@ def finetune(
 
     cfg = FinetuneConfig(
         base=base, init=init, data=str(data), val=str(val) if val else None, rank=rank, alpha=alpha,
-        targets=[t.strip() for t in targets.split(",") if t.strip()], steps=steps, batch_size=batch_size,
-        max_len=max_len, lr=lr,
+        targets=[t.strip() for t in targets.split(",") if t.strip()] or None, steps=steps, epochs=epochs,
+        batch_size=batch_size, grad_accum=grad_accum, max_len=max_len, lr=lr,
         lora_plus_ratio=lora_plus_ratio, warmup=warmup, reg_lambda=reg_lambda, reg_final=reg_final,
         reg_schedule=reg_schedule, reg_switch=reg_switch, reg_toward=reg_toward, rebalance=rebalance,
         restart_every=restart_every, restart_prune=restart_prune, restart_warmup=restart_warmup,

@@ -1,12 +1,14 @@
 """The training loop: LoRA factors + scheduled regularisation toward the init, LoRA+ learning rates,
 optional RefLoRA rebalancing, evaluation every k steps, early stop at a target, checkpoints.
 
-Batches are drawn from a generator seeded by (seed, step), so a run resumed from a checkpoint sees
-exactly the batches an uninterrupted run would.
+Examples are shuffled once per epoch by a generator seeded by (seed, epoch), and a step's batch is a
+pure function of the step, so a run resumed from a checkpoint sees exactly the batches an
+uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -15,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loramigrate.config import FinetuneConfig
 from loramigrate.errors import ConfigError
-from loramigrate.evaluate import completion_batch
+from loramigrate.finetune.objective import BatchLoss
 from loramigrate.finetune.rebalance import rebalance_full, rebalance_scalar
 from loramigrate.finetune.regularise import delta_distance_sq, schedule_value
 from loramigrate.progress import ProgressFn, no_progress
@@ -77,7 +78,7 @@ def reached(target: tuple[str, float] | None, metrics: dict[str, float]) -> bool
     return metrics[name] <= value if name == "loss" else metrics[name] >= value
 
 
-METRICS = ("loss", "exact_match")
+METRICS = ("loss", "exact_match", "accuracy")
 
 
 def parse_target(text: str | None) -> tuple[str, float] | None:
@@ -98,16 +99,39 @@ def parse_target(text: str | None) -> tuple[str, float] | None:
     return name.strip(), number
 
 
-def train(model: nn.Module, tok, rows: list[dict], cfg: FinetuneConfig, evaluate: EvalFn, ckpt_dir: Path,
-          progress: ProgressFn = no_progress) -> tuple[list[dict], dict | None]:
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def batch_rows(rows: list[dict], index: int, size: int, seed: int) -> list[dict]:
+    """Micro-batch ``index`` of the seeded stream that visits every row once per epoch."""
+    size = min(size, len(rows))
+    positions = (divmod(i, len(rows)) for i in range(index * size, (index + 1) * size))
+    return [rows[_epoch_order(len(rows), seed, epoch)[pos]] for epoch, pos in positions]
+
+
+def head_parameters(model: nn.Module, factors: dict[str, LoraFactors]) -> dict[str, nn.Parameter]:
+    """Trainable parameters outside the LoRA factors: the modules_to_save copies (a classifier head)."""
+    lora = {id(p) for f in factors.values() for p in (f.a, f.b)}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora}
+
+
+def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: BatchLoss, evaluate: EvalFn,
+          ckpt_dir: Path, progress: ProgressFn = no_progress) -> tuple[list[dict], dict | None]:
     """Train in place; returns the log rows and where the target was reached (or None).
 
     Raises:
         FloatingPointError: the loss became NaN/inf (the last checkpoint is kept).
     """
     factors = lora_factors(model, cfg.reg_toward)
+    head = head_parameters(model, factors)
     groups = [{"params": [f.a for f in factors.values()], "lr": cfg.lr},
               {"params": [f.b for f in factors.values()], "lr": cfg.lr * cfg.lora_plus_ratio}]
+    if head:
+        groups.append({"params": list(head.values()), "lr": cfg.lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     base_lrs = [g["lr"] for g in groups]
     log: list[dict] = []
@@ -121,35 +145,37 @@ def train(model: nn.Module, tok, rows: list[dict], cfg: FinetuneConfig, evaluate
                 f.b.copy_(state["factors"][name]["b"])
                 for sb, a in state["factors"][name]["merged"]:
                     _merge(f, sb, a)
+            for name, p in head.items():
+                p.copy_(state["head"][name])
         opt.load_state_dict(state["optimizer"])
         start_step, elapsed, log = state["step"], state["elapsed"], state["log"]
     target = parse_target(cfg.target)
     clock = time.perf_counter() - elapsed
     model.train()
     for step in range(start_step, cfg.steps):
-        batch = random.Random(cfg.seed * 1_000_003 + step).sample(rows, min(cfg.batch_size, len(rows)))
-        _, _, (ids, mask, labels) = completion_batch(tok, batch, cfg.max_len)
-        dev = next(model.parameters()).device
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-        task = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(dev), ignore_index=-100)
+        opt.zero_grad()
+        task = 0.0
+        for k in range(cfg.grad_accum):  # micro-batches: gradients add up, the loss is their mean
+            micro = batch_loss(model, batch_rows(rows, step * cfg.grad_accum + k, cfg.batch_size, cfg.seed))
+            (micro / cfg.grad_accum).backward()
+            task += float(micro.detach()) / cfg.grad_accum
         lam = schedule_value(cfg.reg_schedule, cfg.reg_lambda, cfg.reg_final, step, cfg.steps, cfg.reg_switch)
-        reg = regulariser(factors) if lam > 0 else torch.zeros((), device=dev)
-        loss = task + lam * reg
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}")
+        reg = regulariser(factors) if lam > 0 else torch.zeros(())
+        if lam > 0:
+            (lam * reg).backward()
+        if not math.isfinite(task + lam * float(reg.detach())):
+            raise FloatingPointError(f"loss became {task + lam * float(reg.detach())} at step {step + 1}")
         rewarm = 1.0  # after a restart the learning rate climbs again from zero (ReLoRA's re-warm-up)
         if cfg.restart_every and step >= cfg.restart_every and cfg.restart_warmup:
             rewarm = min(1.0, (step % cfg.restart_every) / cfg.restart_warmup)
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = lr * _lr_factor(step, cfg.steps, cfg.warmup) * rewarm
-        opt.zero_grad()
-        loss.backward()
         opt.step()
         if cfg.rebalance != "none":
             _rebalance(factors, cfg.rebalance)
         if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step + 1 < cfg.steps:
             restart(factors, opt, cfg.restart_prune, seed=cfg.seed + step)
-        row = {"step": step + 1, "s": round(time.perf_counter() - clock, 3), "loss": float(task.detach()),
+        row = {"step": step + 1, "s": round(time.perf_counter() - clock, 3), "loss": task,
                "reg": float(reg.detach()), "lambda": lam, "lr": opt.param_groups[0]["lr"]}
         done = step + 1 == cfg.steps
         if (step + 1) % cfg.eval_every == 0 or done:
@@ -159,7 +185,7 @@ def train(model: nn.Module, tok, rows: list[dict], cfg: FinetuneConfig, evaluate
             if hit is None and reached(target, {k[4:]: v for k, v in row.items() if k.startswith("val_")}):
                 hit = {"step": step + 1, "s": row["s"]}
             log.append(row)
-            _checkpoint(ckpt, factors, opt, step + 1, row["s"], log)
+            _checkpoint(ckpt, factors, head, opt, step + 1, row["s"], log)
             if hit:
                 break
         else:
@@ -225,10 +251,11 @@ def _rebalance(factors: dict[str, LoraFactors], how: str) -> None:
             f.a.copy_(a)
 
 
-def _checkpoint(path: Path, factors: dict[str, LoraFactors], opt: torch.optim.Optimizer, step: int, elapsed: float,
-                log: list[dict]) -> None:
+def _checkpoint(path: Path, factors: dict[str, LoraFactors], head: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
+                step: int, elapsed: float, log: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"factors": {n: {"a": f.a.detach().cpu(), "b": f.b.detach().cpu(), "merged": f.merged}
                             for n, f in factors.items()},
+                "head": {n: p.detach().cpu() for n, p in head.items()},
                 "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed, "log": log}, tmp)
     tmp.replace(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -13,38 +14,57 @@ import yaml
 from loramigrate.artifacts import config_hash, hash_inputs, is_up_to_date, prepare_output, stage_output
 from loramigrate.config import FinetuneConfig
 from loramigrate.errors import ArtifactError, ConfigError
-from loramigrate.evaluate import generation_metrics, read_task
+from loramigrate.arch import model_spec
+from loramigrate.evaluate import Task, classification_metrics, generation_metrics, read_task
 from loramigrate.finetune.loop import parse_target, train
-from loramigrate.models import load_model, load_tokenizer, resolve_model
+from loramigrate.finetune.objective import OBJECTIVES
+from loramigrate.models import load_model, load_tokenizer, new_modules, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 STAGE = "finetune"
 
 
-def _check_lengths(tok, rows: list[dict], max_len: int, data: str) -> None:
+def _check_lengths(tok, task: Task, max_len: int, data: str) -> None:
     """Every completion cut away by ``max_len`` would train on nothing."""
-    if all(len(tok(r["prompt"])["input_ids"]) >= max_len for r in rows[:200]):
+    if task.kind == "generation" and all(len(tok(r["prompt"])["input_ids"]) >= max_len for r in task.rows[:200]):
         raise ConfigError(f"{data}: max_len {max_len} cuts every completion; raise --max-len")
 
 
-def _split(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
+def _split(cfg: FinetuneConfig) -> tuple[Task, list[dict]]:
+    """The training task and the validation rows (``--val``, or the last 10 % of the data).
+
+    Raises:
+        ArtifactError: unreadable data, or too little to hold out.
+        ConfigError: validation of another kind, or with labels the training data never shows.
+    """
     train_task = read_task(cfg.data)
-    if train_task.kind != "generation":
-        raise ConfigError(f"{cfg.data}: finetune trains on prompt/completion rows (classification is not built yet)")
     if cfg.val:
-        return train_task.rows, read_task(cfg.val, cfg.eval_limit).rows
-    cut = max(1, len(train_task.rows) // 10)
-    if len(train_task.rows) < 2:
-        raise ArtifactError(f"{cfg.data}: needs at least 2 examples to hold one out for validation (or give --val)")
-    return train_task.rows[:-cut], train_task.rows[-cut:][: cfg.eval_limit]
+        val = read_task(cfg.val, cfg.eval_limit)
+    else:
+        if len(train_task.rows) < 2:
+            raise ArtifactError(f"{cfg.data}: needs at least 2 examples to hold one out for validation (or give --val)")
+        cut = max(1, len(train_task.rows) // 10)
+        val = Task(train_task.kind, train_task.rows[-cut:][: cfg.eval_limit])
+        train_task = Task(train_task.kind, train_task.rows[:-cut], train_task.labels)
+    if val.kind != train_task.kind:
+        raise ConfigError(f"{cfg.val}: {val.kind} rows, but the training data is {train_task.kind}")
+    unseen = sorted({str(r["label"]) for r in val.rows} - set(train_task.labels)) if val.kind == "classification" else []
+    if unseen:
+        raise ConfigError(f"validation labels never seen in training: {', '.join(unseen[:5])}")
+    return train_task, val.rows
 
 
-def _peft_model(cfg: FinetuneConfig, base):
+def _peft_model(cfg: FinetuneConfig, base, classification: bool):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if cfg.init == "fresh":
-        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), task_type="CAUSAL_LM")
+        targets = cfg.targets or sorted(set(model_spec(base).modules.values()))
+        # a classifier (and whatever else the checkpoint lacked, e.g. a distilled model's pooler) is
+        # trained and saved with the adapter, so that the adapter alone reproduces the model
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets,
+                          task_type="SEQ_CLS" if classification else "CAUSAL_LM",
+                          modules_to_save=new_modules(base) or None)
         return get_peft_model(base, lora)
     if not (Path(cfg.init) / "adapter_config.json").is_file():
         raise ArtifactError(f"--init {cfg.init} is not a PEFT adapter directory (or 'fresh')")
@@ -60,7 +80,11 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     if cfg.restart_every and cfg.reg_lambda > 0:
         raise ConfigError("ReLoRA restarts and regularisation toward the init cannot be combined yet")
     parse_target(cfg.target)
-    rows, val_rows = _split(cfg)
+    task, val_rows = _split(cfg)
+    if cfg.epochs:
+        per_step = cfg.batch_size * cfg.grad_accum
+        cfg = cfg.model_copy(update={"steps": max(1, math.ceil(cfg.epochs * len(task.rows) / per_step))})
+    classification = task.kind == "classification"
     ref = resolve_model(cfg.base)
     prepare_output(out_dir)
     names = {"base": ref.path, "data": cfg.data, **({"val": cfg.val} if cfg.val else {}),
@@ -73,8 +97,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     log.info("finetune config:\n%s", yaml.safe_dump(config, sort_keys=False))
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(ref)
-    _check_lengths(tok, rows, cfg.max_len, cfg.data)
-    model = _peft_model(cfg, load_model(ref, cfg.load.dtype, cfg.load.device))
+    _check_lengths(tok, task, cfg.max_len, cfg.data)
+    base = load_model(ref, cfg.load.dtype, cfg.load.device, num_labels=len(task.labels) if classification else None)
+    model = _peft_model(cfg, base, classification)
     # checkpoints live beside the output, keyed by the config, so a rerun of the same command resumes
     ckpt_dir = out_dir.with_name(f"{out_dir.name}.ckpt-{config_hash(config)[:12]}")
     if force:
@@ -82,12 +107,16 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     def evaluate(m) -> dict[str, float]:
+        if classification:
+            loss, correct = classification_metrics(m, tok, val_rows, task.labels, cfg.batch_size)
+            return {"loss": loss, "accuracy": sum(correct) / len(correct)}
         loss, correct = generation_metrics(m, tok, val_rows, cfg.batch_size)
         return {"loss": loss, "exact_match": sum(correct) / len(correct)}
 
+    batch_loss = OBJECTIVES[task.kind](tok, task, cfg.max_len)
     with stage_output(out_dir, STAGE, config, inputs) as run:
         try:
-            history, hit = train(model, tok, rows, cfg, evaluate, ckpt_dir, progress)
+            history, hit = train(model, task.rows, cfg, batch_loss, evaluate, ckpt_dir, progress)
         except FloatingPointError as e:
             raise ArtifactError(f"training diverged ({e}); the last good checkpoint is in {ckpt_dir}") from None
         model.save_pretrained(run.tmp_dir)
@@ -100,23 +129,25 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
 
 
 def plot_curve(history: list[dict], path: Path) -> None:
-    """Training loss and validation metrics against steps."""
+    """Training and validation loss and the validation metric, against steps and against seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1, label="train loss")
     evals = [r for r in history if "val_loss" in r]
-    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    twin = ax.twinx()
-    twin.plot([r["step"] for r in evals], [r["val_exact_match"] for r in evals], "s--", color="green",
-              label="val exact match")
-    twin.set_ylabel("exact match")
-    twin.set_ylim(0, 1)
+    metric = next((k for k in ("val_exact_match", "val_accuracy") if evals and k in evals[0]), None)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, x in zip(axes, ("step", "s"), strict=True):
+        ax.plot([r[x] for r in history], [r["loss"] for r in history], lw=1, label="train loss")
+        ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+        ax.set_xlabel("step" if x == "step" else "seconds")
+        ax.set_ylabel("loss")
+        if metric:
+            twin = ax.twinx()
+            twin.plot([r[x] for r in evals], [r[metric] for r in evals], "s--", color="green", label=metric[4:])
+            twin.set_ylabel(metric[4:])
+            twin.set_ylim(0, 1)
     fig.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -53,26 +53,33 @@ def check_adapter(adapter: LoraAdapter, alignment: Alignment, adapter_dir: Path)
 
 
 def _map_extra(adapter: LoraAdapter, alignment: Alignment) -> dict[str, torch.Tensor]:
-    """modules_to_save tensors: a side of hidden size goes through T (inputs through T⁺), others are
-    copied. Vocabulary-sized tensors move only between identical vocabularies.
+    """modules_to_save tensors. A head reads the final-normed hidden state, W_new = W_old·diag(g_old)·T⁺·
+    diag(1/g_new) with g the final norm scales, and writes its own space, which stays as it is; in a chain (pooler → classifier) a module that reads the hidden-sized
+    output of another saved module is downstream and copied. Vocabulary-sized tensors (embeddings,
+    LM head) read or write the hidden state through T and move only between identical vocabularies.
 
     Raises:
         IncompatibleModelsError: a vocabulary-sized tensor across different vocabularies.
     """
-    t = alignment.transfer
-    pinv = pseudo_inverse(t)
+    pinv = pseudo_inverse(alignment.transfer)
+    g_old, g_new = alignment.old_profile.final_scale(), alignment.new_profile.final_scale()
+    head_in = g_old[:, None] * pinv / torch.where(g_new.abs() > 1e-6, g_new, torch.ones_like(g_new))[None, :]
     d_old, vocab = alignment.old.hidden, alignment.old.vocab_size
     shared = alignment.info.get("shared_tokens", {})
     same_vocab = vocab == alignment.new.vocab_size and shared.get("coverage_old") == shared.get("coverage_new") == 1.0
+    module = {key: key.rsplit(".", 1)[0] for key in adapter.extra}
+    writes_hidden_size = {module[k] for k, w in adapter.extra.items()
+                          if w.dim() == 2 and w.shape[0] == d_old != vocab}
     out = {}
     for key, w in adapter.extra.items():
         vocab_rows = w.dim() == 2 and w.shape[0] == vocab
         if vocab_rows and not same_vocab:
             raise IncompatibleModelsError(f"{key}: vocabulary-sized modules_to_save cannot move across vocabularies yet")
-        if w.dim() == 2 and w.shape[1] == d_old:  # reads the hidden state: W_new = W_old T⁺
+        downstream = bool(writes_hidden_size - {module[key]})
+        if w.dim() == 2 and w.shape[1] == d_old and vocab_rows:
             w = w @ pinv
-        if w.shape[0] == d_old and not vocab_rows:  # writes a hidden state (weight rows or a bias)
-            w = t @ w
+        elif w.dim() == 2 and w.shape[1] == d_old and not downstream:
+            w = w @ head_in
         out[key] = w
     return out
 
