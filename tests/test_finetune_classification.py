@@ -113,7 +113,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_mo
 def test_validation_labels_unseen_in_training_are_refused(tiny_models, sentiment, tmp_path):
     train, _ = sentiment
     val = tmp_path / "val.jsonl"
-    val.write_text(json.dumps({"text": "water", "label": "water"}) + "\n" + json.dumps({"text": "x", "label": "rain"}) + "\n")
+    val.write_text("".join(json.dumps({"text": "water", "label": label}) + "\n" for label in ("water", "rain")))
     result = runner.invoke(app, ["finetune", "--base", str(tiny_models["bert"]), "--data", str(train), "--val", str(val),
                                  "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "never seen in training: rain" in result.stderr

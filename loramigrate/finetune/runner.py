@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from loramigrate.arch import model_spec
 from loramigrate.artifacts import config_hash, hash_inputs, is_up_to_date, prepare_output, stage_output
 from loramigrate.config import FinetuneConfig
 from loramigrate.errors import ArtifactError, ConfigError
-from loramigrate.arch import model_spec
 from loramigrate.evaluate import Task, classification_metrics, generation_metrics, read_task
 from loramigrate.finetune.loop import parse_target, train
 from loramigrate.finetune.objective import OBJECTIVES

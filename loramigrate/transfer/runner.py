@@ -54,8 +54,9 @@ def check_adapter(adapter: LoraAdapter, alignment: Alignment, adapter_dir: Path)
 
 def _map_extra(adapter: LoraAdapter, alignment: Alignment) -> dict[str, torch.Tensor]:
     """modules_to_save tensors. A head reads the final-normed hidden state, W_new = W_old·diag(g_old)·T⁺·
-    diag(1/g_new) with g the final norm scales, and writes its own space, which stays as it is; in a chain (pooler → classifier) a module that reads the hidden-sized
-    output of another saved module is downstream and copied. Vocabulary-sized tensors (embeddings,
+    diag(1/g_new) with g the final norm scales, and writes its own space, which stays as it is; in a
+    chain (pooler → classifier) a module that reads the hidden-sized output of another saved module is
+    downstream and copied. Vocabulary-sized tensors (embeddings,
     LM head) read or write the hidden state through T and move only between identical vocabularies.
 
     Raises:
