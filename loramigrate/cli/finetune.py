@@ -47,6 +47,7 @@ def finetune(
     restart_prune: Annotated[float, typer.Option(help="Fraction of optimiser moments zeroed at a restart.")] = 0.99,
     restart_warmup: Annotated[int, typer.Option(help="Steps to re-warm the learning rate after a restart.")] = 5,
     eval_every: Annotated[int, typer.Option(help="Evaluate (and checkpoint) every N steps.")] = 20,
+    eval_limit: Annotated[int, typer.Option(help="Validation examples used per evaluation.")] = 100,
     target: Annotated[str | None, typer.Option(help="Stop when reached: exact_match=0.8, accuracy=0.6 or loss=0.2.")
                       ] = None,
     dtype: DtypeOpt = "auto",
@@ -65,7 +66,7 @@ def finetune(
         lora_plus_ratio=lora_plus_ratio, warmup=warmup, reg_lambda=reg_lambda, reg_final=reg_final,
         reg_schedule=reg_schedule, reg_switch=reg_switch, reg_toward=reg_toward, rebalance=rebalance,
         restart_every=restart_every, restart_prune=restart_prune, restart_warmup=restart_warmup,
-        eval_every=eval_every, target=target, seed=seed, load=ModelLoadConfig(dtype=dtype, device=device),
+        eval_every=eval_every, eval_limit=eval_limit, target=target, seed=seed, load=ModelLoadConfig(dtype=dtype, device=device),
     )
     with progress_bars() as progress:
         result = run_finetune(cfg, out, progress=progress, force=force)

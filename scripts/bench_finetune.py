@@ -1,0 +1,160 @@
+"""Benchmark the finetune stage on a real pair, all arms in one run: how fast does a migrated adapter
+get ready, compared with retraining?
+
+Arms (each a `loramigrate` subprocess, so every manifest has its own wall time and peak RSS):
+  old       a fresh LoRA on the OLD base (the adapter being migrated; not timed against the others)
+  retrain   a fresh LoRA on the NEW base with the full budget (--retrain-steps, all training data)
+  scratch   a fresh LoRA on the NEW base, 100 training examples, the migrated budget
+  migrated  transfer of `old` + finetune (--steps), plain / + scheduled regularisation / + RefLoRA /
+            + both
+Then every final adapter is evaluated on the test split, with negative flips against old base + old
+adapter. Reported: the time-to-readiness ratio (retrain's time to its final validation metric ÷ the
+migrated arm's transfer + finetune time to reach that metric), final quality, the s/step of each
+finetune arm against the plain one (overheads of the regulariser and of RefLoRA), peak RSS.
+
+Run (MiniLM-L3 → L6 on multiemo, about 25 minutes on 2 CPU cores):
+  python scripts/bench_finetune.py --old-base ~/.cache/loramigrate/models/minilm-l3 \
+      --new-base ~/.cache/loramigrate/models/minilm-l6 --data ~/.cache/loramigrate/data/multiemo \
+      --work /tmp/bench-ft
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+from datetime import date
+from pathlib import Path
+
+import torch
+
+METRIC = {"generation": "exact_match", "classification": "accuracy"}
+
+
+def sh(*args) -> None:
+    cmd = ["loramigrate", "-q", *map(str, args)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def curve(out: Path, metric: str) -> list[tuple[float, float]]:
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [(r["s"], r[f"val_{metric}"]) for r in rows if f"val_{metric}" in r]
+
+
+def step_seconds(out: Path) -> float:
+    """Median seconds of a training step, evaluations excluded."""
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    gaps = sorted(b["s"] - a["s"] for a, b in zip(rows, rows[1:], strict=False) if "val_loss" not in a)
+    return gaps[len(gaps) // 2]
+
+
+def first_reaching(points: list[tuple[float, float]], value: float) -> float | None:
+    return next((s for s, v in points if v >= value - 1e-9), None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old-base", required=True)
+    ap.add_argument("--new-base", required=True)
+    ap.add_argument("--data", type=Path, required=True, help="folder with train/val/test.jsonl")
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=100, help="finetune steps of the migrated and scratch arms")
+    ap.add_argument("--retrain-steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--eval-limit", type=int, default=300)
+    ap.add_argument("--test-limit", type=int, default=1000)
+    ap.add_argument("--align-args", default="", help="extra options for `loramigrate align`")
+    args = ap.parse_args()
+    w = args.work
+    w.mkdir(parents=True, exist_ok=True)
+    train, val, test = (args.data / f"{s}.jsonl" for s in ("train", "val", "test"))
+    small = w / "train-100.jsonl"
+    small.write_text("".join(train.read_text().splitlines(keepends=True)[:100]))
+    from loramigrate.evaluate import read_task
+
+    metric = METRIC[read_task(val, 1).kind]
+    common = ["--val", val, "--batch-size", args.batch_size, "--lr", args.lr, "--eval-every", args.eval_every,
+              "--eval-limit", args.eval_limit]
+    fresh = ["--init", "fresh", "--rank", args.rank, "--alpha", 2 * args.rank]
+    sh("finetune", "--base", args.old_base, "--data", train, "--steps", args.retrain_steps, *fresh, *common, "-o", w / "old")
+    sh("align", "--old", args.old_base, "--new", args.new_base, *args.align_args.split(), "-o", w / "align")
+    sh("transfer", "--align", w / "align", "--adapter", w / "old", "-o", w / "transfer")
+    sh("finetune", "--base", args.new_base, "--data", train, "--steps", args.retrain_steps, *fresh, *common,
+       "-o", w / "retrain")
+    sh("finetune", "--base", args.new_base, "--data", small, "--steps", args.steps, *fresh, *common, "-o", w / "scratch")
+    variants = {"migrated": [], "migrated+reg": ["--reg-lambda", "1.0", "--reg-final", "0.01"],
+                "migrated+refLoRA": ["--rebalance", "scalar"],
+                "migrated+reg+refLoRA": ["--reg-lambda", "1.0", "--reg-final", "0.01", "--rebalance", "scalar"]}
+    for name, extra in variants.items():
+        sh("finetune", "--base", args.new_base, "--init", w / "transfer", "--data", train, "--steps", args.steps,
+           *common, *extra, "-o", w / name)
+
+    sh("eval", "--base", args.old_base, "--adapter", w / "old", "--data", test, "--limit", args.test_limit,
+       "--json", w / "eval-old.json")
+    arms = ["transfer", "retrain", "scratch", *variants]
+    sh("eval", "--base", args.new_base, *[x for a in arms for x in ("--adapter", w / a)], "--data", test,
+       "--limit", args.test_limit, "--reference-base", args.old_base, "--reference-adapter", w / "old",
+       "--json", w / "eval-new.json")
+
+    tests = {r["name"].split(" + ")[-1]: r for r in json.loads((w / "eval-new.json").read_text())["results"]}
+    old_test = json.loads((w / "eval-old.json").read_text())["results"][-1]
+    retrain_curve = curve(w / "retrain", metric)
+    ready_value = retrain_curve[-1][1]
+    retrain_ready = first_reaching(retrain_curve, ready_value)
+    transfer_s = manifest(w / "transfer")["wall_s"]
+    plain_step = step_seconds(w / "migrated")
+    print(f"\n## finetune benchmark ({date.today()}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads)\n")
+    print(f"retrain reaches its final val {metric} {ready_value:.3f} at {retrain_ready:.0f} s "
+          f"(of {retrain_curve[-1][0]:.0f} s); transfer took {transfer_s:.1f} s; align "
+          f"{manifest(w / 'align')['wall_s']:.1f} s (once per base pair, not counted)\n")
+    print(f"| arm | steps | final val {metric} | test {metric} | test loss | neg. flips vs old | time to retrain's "
+          f"final (s) | ratio | s/step | vs plain | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| old base + old adapter | {args.retrain_steps} | {curve(w / 'old', metric)[-1][1]:.3f} | "
+          f"{old_test[metric]:.3f} | {old_test['loss']:.3f} | – | – | – | {step_seconds(w / 'old'):.2f} | – | "
+          f"{manifest(w / 'old')['peak_rss_mb']:.0f} |")
+    t = tests["transfer"]
+    print(f"| transfer only | 0 | – | {t[metric]:.3f} | {t['loss']:.3f} | {t.get('negative_flips', '–')} | – | – | – | – | "
+          f"{manifest(w / 'transfer')['peak_rss_mb']:.0f} |")
+    plots = {}
+    for arm in ["retrain", "scratch", *variants]:
+        pts = curve(w / arm, metric)
+        offset = transfer_s if arm.startswith("migrated") else 0.0
+        plots[arm] = [(s + offset, v) for s, v in pts]
+        reach = first_reaching(plots[arm], ready_value)
+        ratio = f"{retrain_ready / reach:.1f}×" if reach else "not reached"
+        sps = step_seconds(w / arm)
+        r = tests[arm]
+        print(f"| {arm} | {len((w / arm / 'log.jsonl').read_text().splitlines())} | "
+              f"{pts[-1][1]:.3f} | {r[metric]:.3f} | {r['loss']:.3f} | {r.get('negative_flips', '–')} | "
+              f"{reach if reach is None else round(reach, 1)} | {ratio} | {sps:.2f} | {sps / plain_step:.2f}× | "
+              f"{manifest(w / arm)['peak_rss_mb']:.0f} |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, pts in plots.items():
+        ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", ms=3, label=arm)
+    ax.axhline(ready_value, color="grey", ls=":", label="retrain final")
+    ax.set_xlabel("wall seconds (migrated arms include transfer)")
+    ax.set_ylabel(f"val {metric}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(w / "bench_finetune.png", dpi=100)
+    print(f"\nplot: {w / 'bench_finetune.png'}")
+
+
+if __name__ == "__main__":
+    main()
