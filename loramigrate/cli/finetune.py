@@ -66,7 +66,8 @@ def finetune(
         lora_plus_ratio=lora_plus_ratio, warmup=warmup, reg_lambda=reg_lambda, reg_final=reg_final,
         reg_schedule=reg_schedule, reg_switch=reg_switch, reg_toward=reg_toward, rebalance=rebalance,
         restart_every=restart_every, restart_prune=restart_prune, restart_warmup=restart_warmup,
-        eval_every=eval_every, eval_limit=eval_limit, target=target, seed=seed, load=ModelLoadConfig(dtype=dtype, device=device),
+        eval_every=eval_every, eval_limit=eval_limit, target=target, seed=seed,
+        load=ModelLoadConfig(dtype=dtype, device=device),
     )
     with progress_bars() as progress:
         result = run_finetune(cfg, out, progress=progress, force=force)

@@ -163,6 +163,23 @@ def hidden_input_map(alignment: Alignment, t_pinv: torch.Tensor, old_layer: int,
     return g_old[:, None] * t_pinv / safe[None, :]
 
 
+def map_factors(alignment: Alignment, new_layer: int, role: str, b: torch.Tensor, a: torch.Tensor,
+                t_pinv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (b: out_old × r, a: r × in_old) of an OLD-base update of ``role`` in the source layer of
+    ``new_layer`` → factors in the new layer's coordinates. A dense weight W maps as (W, I).
+
+    ``t_pinv`` may pass the pseudo-inverse of the layer's T when the caller already has it.
+    """
+    la = alignment.layers[new_layer]
+    t = la.transfer if la.transfer is not None else alignment.transfer
+    if t_pinv is None:
+        t_pinv = pseudo_inverse(t)
+    slot = _NORM_SLOT.get(role)
+    input_map = hidden_input_map(alignment, t_pinv, la.old_layer, new_layer, slot) if slot is not None else None
+    old, new = alignment.old, alignment.new
+    return map_rows(role, b, la, old, new, t), map_cols(role, a, la, old, new, input_map)
+
+
 @dataclass(frozen=True)
 class TransferOptions:
     rank: int | None = None  # None: keep each module's rank
@@ -189,8 +206,7 @@ def transfer_adapter(adapter: LoraAdapter, alignment: Alignment, options: Transf
     report: list[dict] = []
     global_pinv = pseudo_inverse(alignment.transfer)
     for j, la in sorted(alignment.layers.items()):
-        t = la.transfer if la.transfer is not None else alignment.transfer
-        t_pinv = global_pinv if la.transfer is None else pseudo_inverse(t)
+        t_pinv = global_pinv if la.transfer is None else pseudo_inverse(la.transfer)
         for role in ADAPTED_ROLES:
             name = by_source.get((la.old_layer, role))
             if name is None:
@@ -200,9 +216,7 @@ def transfer_adapter(adapter: LoraAdapter, alignment: Alignment, options: Transf
                     f"{name}: fused and separate q/k/v projections cannot be mapped onto each other yet")
             m = adapter.modules[name]
             scale = adapter.scale(name)
-            slot = _NORM_SLOT.get(role)
-            input_map = hidden_input_map(alignment, t_pinv, la.old_layer, j, slot) if slot is not None else None
-            delta = Delta(map_rows(role, m.b, la, old, new, t), map_cols(role, m.a, la, old, new, input_map), scale)
+            delta = Delta(*map_factors(alignment, j, role, m.b, m.a, t_pinv), scale)
             old_delta = Delta(m.b, m.a, scale)
             row = {"module": new_prefix + new.module_name(j, role), "source": name, "source_layer": la.old_layer,
                    "role": role, "fill": "mapped", "target_rank": m.rank}
