@@ -39,7 +39,8 @@ def sha256_file(path: Path) -> str:
 
 
 def hash_input(path: str | Path) -> str:
-    """Content hash of a file or a directory (all files, sorted by relative path).
+    """Content hash of a file or a directory (all files, sorted by relative path; the manifest and
+    ``cache/``, which later stages may fill, are left out).
 
     Hub ids that are not local paths hash to ``hub:<id>``: their content is pinned by the hub.
     """
@@ -48,7 +49,8 @@ def hash_input(path: str | Path) -> str:
         return sha256_file(p)
     if p.is_dir():
         h = hashlib.sha256()
-        for f in sorted(q for q in p.rglob("*") if q.is_file() and q.name != MANIFEST):
+        files = (q for q in p.rglob("*") if q.is_file() and q.name != MANIFEST and q.relative_to(p).parts[0] != "cache")
+        for f in sorted(files):
             h.update(str(f.relative_to(p)).encode())
             h.update(sha256_file(f).encode())
         return h.hexdigest()
@@ -119,11 +121,16 @@ class StageRun:
         }
 
 
-def prepare_output(out_dir: Path) -> None:
-    """Fail before any heavy work if the output path cannot become a stage directory."""
+def prepare_output(out_dir: Path, allow: tuple[str, ...] = ()) -> None:
+    """Fail before any heavy work if the output path cannot become a stage directory.
+
+    ``allow`` names files a stage keeps in its output directory while it runs (search's study).
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise ArtifactError(f"output path {out_dir} is a file; choose a directory path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+    own = (MANIFEST, *allow)
+    foreign = out_dir.is_dir() and any(not p.name.startswith(own) for p in out_dir.iterdir())
+    if foreign and not (out_dir / MANIFEST).is_file():
         raise ArtifactError(f"output directory {out_dir} exists and is not a loramigrate stage; choose another")
     parent = out_dir.parent
     if parent.exists() and not parent.is_dir():
@@ -149,14 +156,14 @@ def is_up_to_date(out_dir: Path, stage: str, config: Mapping[str, Any], inputs: 
 
 @contextlib.contextmanager
 def stage_output(
-    out_dir: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, str]]
+    out_dir: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, str]], allow: tuple[str, ...] = ()
 ) -> Iterator[StageRun]:
     """Yield a run whose ``tmp_dir`` receives the outputs; publish it atomically on success.
 
     On any exception the temporary directory is removed and ``out_dir`` is left as it was.
     """
     out_dir = Path(out_dir)
-    prepare_output(out_dir)
+    prepare_output(out_dir, allow)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -92,3 +92,26 @@ class FinetuneConfig(_Config):
     target: str | None = None  # "exact_match=0.8", "accuracy=0.6" or "loss=0.2": stop at the first evaluation reaching it
     seed: int = 0
     load: ModelLoadConfig = ModelLoadConfig()
+
+
+class SearchConfig(_Config):
+    """Options of the search stage (one transferred adapter, one alignment)."""
+
+    align: str  # align stage directory
+    transfer: str  # transfer stage directory (of this alignment)
+    data: str  # validation JSONL the trials are scored on
+    limit: int = Field(64, ge=1)  # examples of `data` scored per trial (the first N: a fixed split)
+    n_trials: int = Field(30, ge=1)  # completed trials in total, across workers and reruns
+    timeout: float | None = Field(None, gt=0)  # seconds for this invocation
+    space: Literal["global", "groups"] = "groups"  # global: the two-coefficient α, β search
+    sampler: Literal["gp", "tpe"] = "gp"
+    storage: str | None = None  # Optuna storage URL or journal file; None: study.db in the output directory
+    study: str = "loramigrate-search"
+    alpha_max: float = Field(2.0, gt=0)  # α ∈ [0, alpha_max] scales the transferred delta
+    beta_max: float = Field(1.0, ge=0)  # β ∈ [−beta_max, beta_max] scales the base evolution
+    gamma_max: float = Field(0.5, ge=0)  # γ ∈ [0, gamma_max] scales a seeded fresh direction (groups space)
+    evolution_rank: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_len: int = Field(128, ge=8)
+    seed: int = 0
+    load: ModelLoadConfig = ModelLoadConfig()

@@ -12,6 +12,8 @@ from loramigrate.cli.evaluate import EXAMPLES as EVAL_EXAMPLES
 from loramigrate.cli.evaluate import evaluate
 from loramigrate.cli.finetune import EXAMPLES as FINETUNE_EXAMPLES
 from loramigrate.cli.finetune import finetune
+from loramigrate.cli.search import EXAMPLES as SEARCH_EXAMPLES
+from loramigrate.cli.search import search
 from loramigrate.cli.transfer import EXAMPLES as TRANSFER_EXAMPLES
 from loramigrate.cli.transfer import transfer
 
@@ -43,5 +45,6 @@ def main(
 
 app.command(epilog=ALIGN_EXAMPLES)(align)
 app.command(epilog=TRANSFER_EXAMPLES)(transfer)
+app.command(epilog=SEARCH_EXAMPLES)(search)
 app.command(epilog=FINETUNE_EXAMPLES)(finetune)
 app.command("eval", epilog=EVAL_EXAMPLES)(evaluate)

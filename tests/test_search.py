@@ -1,0 +1,153 @@
+"""`loramigrate search`: trial 0 is transfer as is, a known optimum is found, studies resume and are
+shared by workers, and bad input is refused."""
+
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from loramigrate.cli.main import app
+from loramigrate.config import SearchConfig
+from loramigrate.search import run_search
+from loramigrate.search import runner as search_runner
+from tests.helpers import WORDS, build, make_lora, make_tokenizer, save, tiny_config
+
+runner = CliRunner()
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def cli(*args):
+    result = runner.invoke(app, ["-q", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Identity upgrade of the tiny Llama; a random LoRA transferred through it; validation rows sampled
+    from base + 0.5 × the LoRA, so that α = 0.5 is the blend that minimises the expected loss."""
+    root = tmp_path_factory.mktemp("search")
+    # large initial weights: logits spread enough that the adapter's scale matters sharply
+    model = save(build(tiny_config("llama", init=0.3)), make_tokenizer(WORDS), root / "model")
+    adapter = make_lora(model, root / "lora", targets=TARGETS, alpha=32)
+    cli("align", "--old", model, "--new", model, "-o", root / "align")
+    cli("transfer", "--align", root / "align", "--adapter", adapter, "-o", root / "transfer")
+    teacher = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model), str(adapter)).eval()
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.5)
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(48):
+        prompt = " ".join(WORDS[(7 * i + k) % len(WORDS)] for k in range(4))
+        with torch.no_grad():
+            logits = teacher(**tok(prompt, return_tensors="pt")).logits[0, -1]
+        logits[: 2] = -float("inf")  # pad, unk
+        for token in torch.multinomial(logits.softmax(-1), 24, replacement=True, generator=g).tolist():
+            rows.append({"prompt": prompt, "completion": " " + tok.convert_ids_to_tokens(token)})
+    data = root / "val.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"model": model, "align": root / "align", "transfer": root / "transfer", "data": data, "rows": len(rows)}
+
+
+def config(pair, **kw):
+    base = dict(align=str(pair["align"]), transfer=str(pair["transfer"]), data=str(pair["data"]), limit=pair["rows"],
+                batch_size=256, n_trials=6, evolution_rank=4)
+    return SearchConfig(**{**base, **kw})
+
+
+def val_loss(model_dir, adapter_dir, data):
+    from loramigrate.evaluate import read_task
+    from loramigrate.finetune.objective import completion_loss
+
+    task = read_task(data)
+    model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model_dir), str(adapter_dir))
+    loss = completion_loss(transformers.AutoTokenizer.from_pretrained(model_dir), task, 128)
+    with torch.no_grad():
+        return float(loss(model.eval(), task.rows))
+
+
+def test_trial_zero_is_transfer_as_is_and_the_output_is_the_best_blend(pair, tmp_path):
+    out = run_search(config(pair), tmp_path / "s")
+    summary = json.loads((out / "manifest.json").read_text())["search"]
+    trials = (out / "trials.csv").read_text().splitlines()
+    first = dict(zip(trials[0].split(","), trials[1].split(","), strict=True))
+    assert all(float(v) == (1.0 if k.startswith("alpha") else 0.0) for k, v in first.items() if "." in k)
+    assert float(first["value"]) == pytest.approx(summary["transfer_as_is"], rel=1e-4)
+    assert summary["best_value"] <= float(first["value"])
+    # the written adapter, loaded by stock PEFT, scores what the study recorded for its best trial
+    assert val_loss(pair["model"], out, pair["data"]) == pytest.approx(summary["best_value"], rel=1e-4)
+    for name in ("history.png", "study.db", "adapter_config.json"):
+        assert (out / name).is_file(), name
+
+
+def test_search_finds_a_known_optimal_blend(pair, tmp_path):
+    out = run_search(config(pair, space="global", n_trials=14, beta_max=0.0), tmp_path / "s")
+    best = json.loads((out / "manifest.json").read_text())["search"]["best_params"]
+    assert best["alpha"] == pytest.approx(0.5, abs=0.15)
+
+
+def test_an_interrupted_study_resumes_to_n_trials(pair, tmp_path, monkeypatch):
+    real, calls = search_runner._apply, []
+
+    def crash_on_fourth(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(search_runner, "_apply", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config(pair), tmp_path / "s")
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["study.db"]
+    monkeypatch.setattr(search_runner, "_apply", real)
+    out = run_search(config(pair), tmp_path / "s")
+    study = optuna.load_study(study_name="loramigrate-search", storage=f"sqlite:///{out / 'study.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 6 and states[3] == optuna.trial.TrialState.FAIL
+    assert json.loads((out / "manifest.json").read_text())["search"]["trials"] == 6
+
+
+def test_two_workers_share_one_study_without_duplicates(pair, tmp_path):
+    journal = tmp_path / "study.log"
+    cmd = [sys.executable, "-m", "loramigrate", "-q", "search", "--align", str(pair["align"]), "--transfer",
+           str(pair["transfer"]), "--data", str(pair["data"]), "--limit", str(pair["rows"]), "--batch-size", "256",
+           "--evolution-rank", "4", "--n-trials", "8", "--sampler", "tpe", "--storage", str(journal), "--study", "shared"]
+    workers = [subprocess.Popen([*cmd, "-o", str(tmp_path / f"w{i}")], stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    for w in workers:
+        assert w.wait(timeout=300) == 0, w.stderr.read()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 8
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 8
+    assert sum(all(v == (1.0 if k.startswith("alpha") else 0.0) for k, v in t.params.items()) for t in complete) == 1
+
+
+def test_bad_input(pair, tiny_models, tmp_path):
+    other = tmp_path / "other-align"
+    cli("align", "--old", tiny_models["llama"], "--new", tiny_models["llama"], "--max-tokens", "64", "-o", other)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    cli("search", "--align", pair["align"], "--transfer", pair["transfer"], "--data", pair["data"], "--n-trials", "1",
+        "--space", "global", "--storage", storage, "--study", "s", "-o", tmp_path / "first")
+    cases = [(["--storage", "redis://localhost/0"], "expected an Optuna URL"),
+             (["--storage", storage, "--study", "s"], "different search space"),
+             (["--n-trials", "0"], "n_trials"),
+             (["--data", str(empty)], "holds no examples"),
+             (["--align", str(other)], "another alignment")]
+    for args, match in cases:
+        options = {"--align": str(pair["align"]), "--transfer": str(pair["transfer"]), "--data": str(pair["data"])}
+        flat = [x for k, v in options.items() if k not in args for x in (k, v)]
+        result = runner.invoke(app, ["search", *flat, *args, "-o", str(tmp_path / "o")])
+        assert result.exit_code == 1 and match in result.stderr, (args, result.output)
+        assert not (tmp_path / "o").exists()
