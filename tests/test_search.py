@@ -151,3 +151,43 @@ def test_bad_input(pair, tiny_models, tmp_path):
         result = runner.invoke(app, ["search", *flat, *args, "-o", str(tmp_path / "o")])
         assert result.exit_code == 1 and match in result.stderr, (args, result.output)
         assert not (tmp_path / "o").exists()
+
+
+def evolution_of(old_dir, new_dir, align_dir, rank):
+    """(relative error against W_new − W_old when shapes allow, norm of the view) per module."""
+    from loramigrate.alignment import load_alignment
+    from loramigrate.search.evolution import module_evolution
+
+    alignment = load_alignment(align_dir)
+    old, new = (transformers.AutoModelForCausalLM.from_pretrained(d) for d in (old_dir, new_dir))
+    out = {}
+    for j, la in alignment.layers.items():
+        for role in ("q", "k", "v", "o", "gate", "up", "down"):
+            w_old = old.get_submodule(alignment.old.module_name(la.old_layer, role)).weight
+            w_new = new.get_submodule(alignment.new.module_name(j, role)).weight
+            b, a = module_evolution(w_old, w_new, alignment, j, role, rank)
+            out[(j, role)] = (b @ a, (w_new - w_old).detach(), w_new.detach())
+    return out
+
+
+def test_base_evolution_is_the_low_rank_update_of_a_same_shape_upgrade(tmp_path):
+    old = build(tiny_config("llama", init=0.2))
+    new = build(tiny_config("llama", init=0.2))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in new.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.mlp.up_proj):
+                out_dim, in_dim = proj.weight.shape
+                proj.weight += 0.02 * torch.randn(out_dim, 2, generator=g) @ torch.randn(2, in_dim, generator=g)
+    tok = make_tokenizer(WORDS)
+    old_dir, new_dir = save(old, tok, tmp_path / "old"), save(new, tok, tmp_path / "new")
+    cli("align", "--old", old_dir, "--new", new_dir, "-o", tmp_path / "align")
+    for (j, role), (view, diff, _) in evolution_of(old_dir, new_dir, tmp_path / "align", rank=2).items():
+        assert torch.allclose(view, diff, atol=1e-5), (j, role)
+
+
+def test_base_evolution_vanishes_on_a_function_preserving_upgrade(known_upgrade, tmp_path):
+    old_dir, new_dir, _ = known_upgrade
+    cli("align", "--old", old_dir, "--new", new_dir, "-o", tmp_path / "align")
+    for (j, role), (view, _, w_new) in evolution_of(old_dir, new_dir, tmp_path / "align", rank=4).items():
+        assert view.norm() < 1e-3 * w_new.norm(), (j, role)
