@@ -1,47 +1,133 @@
-"""Recipe YAML → typed stage configs (one source of truth for `run` and the stage commands)."""
+"""Recipe YAML → the typed stage configs the stage commands use (one source of truth for `run`).
+
+A recipe names the base pair, the old adapter(s), the task data and each stage's options; the paths
+that link stages (align dir, transfer dir, …) are filled in by `run`, so a stage section holds only
+options. Unknown keys anywhere are errors naming the field.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from loramigrate.config import AlignConfig, _Config
+from loramigrate.config import AlignConfig, FinetuneConfig, SearchConfig, TransferConfig, _Config
 from loramigrate.errors import ConfigError
+
+STAGES = ("align", "transfer", "search", "finetune", "eval")
+
+
+def _expand(value: Any) -> Any:
+    """``~`` and ``$VARS`` in strings, so recipes travel between machines."""
+    return os.path.expanduser(os.path.expandvars(value)) if isinstance(value, str) else value
+
+
+class TaskData(_Config):
+    train: str  # finetune data
+    val: str  # search trials and finetune evaluations
+    test: str  # the report's comparison
+
+    _paths = field_validator("train", "val", "test", mode="before")(lambda cls, v: _expand(v))
+
+
+class EvalOptions(_Config):
+    limit: int | None = Field(None, ge=1)  # first N test examples
+    batch_size: int = Field(16, ge=1)
 
 
 class Recipe(_Config):
-    """A migration of one base pair. Stages after align join as they land."""
+    """A migration of one or more adapters across one base pair."""
 
     name: str
     description: str = ""
-    align: AlignConfig
+    old: str
+    new: str
+    adapters: list[str] = Field(min_length=1)
+    data: TaskData
+    align: dict[str, Any] = {}
+    transfer: dict[str, Any] = {}
+    search: dict[str, Any] | None = {}  # null: skip the stage (finetune starts from the transfer)
+    finetune: dict[str, Any] | None = {}  # null: skip the stage (the final adapter is the search's or transfer's)
+    eval: EvalOptions = EvalOptions()
 
-    @field_validator("align", mode="before")
+    _paths = field_validator("old", "new", mode="before")(lambda cls, v: _expand(v))
+
+    @field_validator("adapters", mode="before")
     @classmethod
-    def _expand_paths(cls, value: object) -> object:
-        """``~`` and ``$VARS`` in model and calibration paths, so recipes travel between machines."""
-        if isinstance(value, dict):
-            return {k: os.path.expanduser(os.path.expandvars(v)) if k in ("old", "new", "calib") and isinstance(v, str)
-                    else v for k, v in value.items()}
-        return value
+    def _adapter_paths(cls, value: Any) -> Any:
+        return [_expand(v) for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _sections_are_valid(self) -> Recipe:
+        """Build every stage config once with placeholder links, so a bad option fails at load time."""
+        builds = {"align": self.align_config, "transfer": lambda: self.transfer_config("ALIGN", "ADAPTER"),
+                  "search": lambda: self.search is None or self.search_config("ALIGN", "TRANSFER"),
+                  "finetune": lambda: self.finetune is None or self.finetune_config("INIT")}
+        for section, build in builds.items():
+            try:
+                build()
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise ValueError(f"{section}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return self
+
+    def align_config(self) -> AlignConfig:
+        return AlignConfig(old=self.old, new=self.new, **_with_calib(self.align))
+
+    def transfer_config(self, align: str, adapter: str) -> TransferConfig:
+        return TransferConfig(align=align, adapter=adapter, **self.transfer)
+
+    def search_config(self, align: str, transfer: str) -> SearchConfig:
+        return SearchConfig(align=align, transfer=transfer, data=self.data.val, **(self.search or {}))
+
+    def finetune_config(self, init: str) -> FinetuneConfig:
+        return FinetuneConfig(base=self.new, init=init, data=self.data.train, val=self.data.val, **(self.finetune or {}))
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe; unknown keys and bad values are errors naming the field.
+def _with_calib(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: _expand(v) if k == "calib" else v for k, v in section.items()}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``stage.key=value`` (value parsed as YAML) into the raw recipe; ``key=value`` at the top.
 
     Raises:
-        ConfigError: unreadable YAML or invalid content.
+        ConfigError: an override without ``=``.
+    """
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected STAGE.KEY=VALUE")
+        *parents, leaf = key.strip().split(".")
+        node = raw
+        for p in parents:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a recipe, with ``--set`` overrides applied first.
+
+    Raises:
+        ConfigError: unreadable YAML or invalid content, naming the field.
     """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read recipe {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of sections")
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(apply_overrides(raw, list(overrides)))
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"recipe {path}: {problems}") from None

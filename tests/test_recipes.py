@@ -1,4 +1,4 @@
-"""Every shipped recipe loads into the typed configs and names only registered methods."""
+"""Every shipped recipe loads into the typed stage configs; overrides and bad keys behave."""
 
 from pathlib import Path
 
@@ -9,22 +9,40 @@ from loramigrate.errors import ConfigError
 from loramigrate.recipes import load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
+MINIMAL = "name: x\nold: a\nnew: b\nadapters: [c]\ndata: {train: t, val: v, test: s}\n"
 
 
 def test_there_are_recipes():
-    assert RECIPES
+    assert len(RECIPES) >= 2
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_is_valid(path, monkeypatch):
     monkeypatch.setenv("LORAMIGRATE_CACHE", "/cache")
+    monkeypatch.setenv("LORAMIGRATE_DEBUG", "/debug")
     recipe = load_recipe(path)
-    assert recipe.align.layer_map in LAYER_MAPPERS
-    assert recipe.align.old.startswith("/cache/models/")
+    assert recipe.align_config().layer_map in LAYER_MAPPERS
+    assert recipe.old.startswith(("/cache/models/", "/debug/")) and recipe.adapters
+    assert recipe.finetune_config("INIT").data == recipe.data.train
 
 
-def test_unknown_key_is_an_error(tmp_path):
+@pytest.mark.parametrize(("body", "match"), [
+    (MINIMAL + "align: {layer_mapp: cka_dp}\n", "align.layer_mapp"),
+    (MINIMAL + "finetune: {stepz: 3}\n", "finetune.stepz"),
+    (MINIMAL + "extra_section: 1\n", "extra_section"),
+    ("name: x\nold: a\n", "new"),
+])
+def test_bad_recipes_name_the_field(tmp_path, body, match):
     bad = tmp_path / "r.yaml"
-    bad.write_text("name: x\nalign: {old: a, new: b, layer_mapp: cka_dp}\n")
-    with pytest.raises(ConfigError, match="layer_mapp"):
+    bad.write_text(body)
+    with pytest.raises(ConfigError, match=match):
         load_recipe(bad)
+
+
+def test_overrides_reach_the_stage_configs(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL)
+    recipe = load_recipe(path, ["finetune.steps=7", "search.n_trials=3", "align.max_tokens=64", "search=null"])
+    assert recipe.finetune_config("i").steps == 7 and recipe.align_config().max_tokens == 64 and recipe.search is None
+    with pytest.raises(ConfigError, match="STAGE.KEY=VALUE"):
+        load_recipe(path, ["finetune.steps"])

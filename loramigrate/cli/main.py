@@ -12,6 +12,8 @@ from loramigrate.cli.evaluate import EXAMPLES as EVAL_EXAMPLES
 from loramigrate.cli.evaluate import evaluate
 from loramigrate.cli.finetune import EXAMPLES as FINETUNE_EXAMPLES
 from loramigrate.cli.finetune import finetune
+from loramigrate.cli.run import EXAMPLES as RUN_EXAMPLES
+from loramigrate.cli.run import run
 from loramigrate.cli.search import EXAMPLES as SEARCH_EXAMPLES
 from loramigrate.cli.search import search
 from loramigrate.cli.transfer import EXAMPLES as TRANSFER_EXAMPLES
@@ -43,6 +45,7 @@ def main(
     setup_logging(verbose, quiet)
 
 
+app.command(epilog=RUN_EXAMPLES)(run)
 app.command(epilog=ALIGN_EXAMPLES)(align)
 app.command(epilog=TRANSFER_EXAMPLES)(transfer)
 app.command(epilog=SEARCH_EXAMPLES)(search)

@@ -1,0 +1,45 @@
+"""`loramigrate run`: every stage of a recipe, resumable, ending with a migration report."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from loramigrate.cli._options import ForceOpt
+from loramigrate.cli._ui import handle_errors, progress_bars
+
+EXAMPLES = """
+Examples:
+
+  loramigrate run recipes/minilm-l3-to-l6.yaml -o runs/minilm
+
+  loramigrate run recipes/minilm-l3-to-l6.yaml -o runs/minilm --set finetune.steps=200 --from finetune
+
+  # a fleet: one shared alignment, one run folder per adapter (see scripts/migrate_many.sh)
+  loramigrate run recipes/minilm-l3-to-l6.yaml --adapter adapters/sentiment --align-dir runs/pair-align -o runs/sentiment
+"""
+
+
+@handle_errors
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (one folder per stage and adapter).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: STAGE.KEY=VALUE (YAML).")
+                    ] = None,
+    adapter: Annotated[list[Path] | None, typer.Option(help="Migrate these adapters instead of the recipe's.")] = None,
+    align_dir: Annotated[Path | None, typer.Option(help="Shared alignment directory (default: RUN/align).")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Redo this stage and every later one.")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Run align → transfer → search → finetune → eval; stages whose manifests match are skipped."""
+    from loramigrate.cli._summary import print_summary
+    from loramigrate.pipeline import timed_run
+    from loramigrate.recipes import load_recipe
+
+    overrides = list(set_ or [])
+    if adapter:
+        overrides.append(f"adapters=[{', '.join(repr(str(a)) for a in adapter)}]")
+    cfg = load_recipe(recipe, overrides)
+    with progress_bars() as progress:
+        runs, report = timed_run(cfg, out, "align" if force else from_, align_dir, progress)
+    print_summary(runs, report)

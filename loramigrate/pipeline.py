@@ -1,0 +1,192 @@
+"""`run`: a recipe's stages in order over one run directory, each skipped when its manifest matches.
+
+Layout::
+
+    RUN/align/                      the base pair's alignment, shared by every adapter (or --align-dir)
+    RUN/<adapter>/transfer|search|finetune|eval/
+    RUN/report.md, RUN/summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loramigrate.align import run_align
+from loramigrate.artifacts import hash_inputs, is_up_to_date, read_manifest, stage_output
+from loramigrate.config import ModelLoadConfig
+from loramigrate.errors import ConfigError
+from loramigrate.evaluate import EvalResult, evaluate_pairs, read_task, with_flips
+from loramigrate.finetune.runner import run_finetune
+from loramigrate.progress import ProgressFn, no_progress
+from loramigrate.recipes import STAGES, Recipe
+from loramigrate.search import run_search
+from loramigrate.transfer import run_transfer
+
+log = logging.getLogger(__name__)
+RESULTS = "results.json"
+
+
+@dataclass
+class AdapterRun:
+    """What `run` did for one adapter: stage directories and whether each was redone or kept."""
+
+    name: str
+    source: str
+    dirs: dict[str, Path] = field(default_factory=dict)
+    ran: dict[str, bool] = field(default_factory=dict)
+    results: list[dict] = field(default_factory=list)
+
+    @property
+    def final(self) -> Path:
+        return self.dirs.get("finetune") or self.dirs.get("search") or self.dirs["transfer"]
+
+
+def _stage(out: Path, runner, *args, **kwargs) -> bool:
+    """Call a stage runner for ``out``; True when it (re)wrote ``out``, False when it kept a matching result."""
+    manifest = out / "manifest.json"
+    before = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    runner(*args, **kwargs)
+    return manifest.stat().st_mtime_ns != before
+
+
+def adapter_names(paths: list[str]) -> list[str]:
+    """Directory names, which name each adapter's folder in the run; they must be distinct.
+
+    Raises:
+        ConfigError: two adapters with the same directory name.
+    """
+    names = [Path(p).name for p in paths]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ConfigError(f"adapters share directory names ({', '.join(clash)}); rename them so each has its folder")
+    return names
+
+
+def run_recipe(recipe: Recipe, run_dir: Path, force_from: str | None = None, align_dir: Path | None = None,
+               progress: ProgressFn = no_progress) -> list[AdapterRun]:
+    """align → transfer → search → finetune → eval for every adapter of ``recipe``; returns what was done.
+
+    ``force_from`` redoes that stage and every later one even where manifests match.
+    """
+    if force_from is not None and force_from not in STAGES:
+        raise ConfigError(f"--from {force_from!r}: expected one of {', '.join(STAGES)}")
+    forced = set(STAGES[STAGES.index(force_from):]) if force_from else set()
+    names = adapter_names(recipe.adapters)
+    read_task(recipe.data.test, 1)  # fail on unreadable data before any heavy work
+    run_dir = Path(run_dir)
+    align_out = Path(align_dir) if align_dir else run_dir / "align"
+    align_ran = _stage(align_out, run_align, recipe.align_config(), align_out, progress, force="align" in forced)
+    runs = []
+    for name, source in zip(names, recipe.adapters, strict=True):
+        r = AdapterRun(name=name, source=source, dirs={"align": align_out}, ran={"align": align_ran})
+        _migrate(recipe, r, run_dir / name, forced, progress)
+        runs.append(r)
+    return runs
+
+
+def _migrate(recipe: Recipe, r: AdapterRun, base: Path, forced: set[str], progress: ProgressFn) -> None:
+    """transfer → search → finetune → eval of one adapter, each stage kept when its manifest matches."""
+    align = str(r.dirs["align"])
+    r.dirs["transfer"] = init = base / "transfer"
+    r.ran["transfer"] = _stage(init, run_transfer, recipe.transfer_config(align, r.source), init,
+                               force="transfer" in forced)
+    if recipe.search is not None:
+        r.dirs["search"] = out = base / "search"
+        r.ran["search"] = _stage(out, run_search, recipe.search_config(align, str(init)), out, progress,
+                                 force="search" in forced)
+        init = out
+    if recipe.finetune is not None:
+        r.dirs["finetune"] = out = base / "finetune"
+        r.ran["finetune"] = _stage(out, run_finetune, recipe.finetune_config(str(init)), out, progress,
+                                   force="finetune" in forced)
+    r.dirs["eval"] = out = base / "eval"
+    r.ran["eval"] = _stage(out, run_eval, recipe, r, out, progress, force="eval" in forced)
+    r.results = json.loads((out / RESULTS).read_text())["results"]
+
+
+def run_eval(recipe: Recipe, r: AdapterRun, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False
+             ) -> Path:
+    """The report's comparison on the test split: old base + old adapter (the reference for negative
+    flips), new base alone, the old adapter copied onto the new base where shapes allow, and each stage."""
+    arms = {"transfer": r.dirs["transfer"], **{s: r.dirs[s] for s in ("search", "finetune") if s in r.dirs}}
+    inputs = hash_inputs({"old": recipe.old, "new": recipe.new, "adapter": r.source, "data": recipe.data.test,
+                          **{k: str(v) for k, v in arms.items()}})
+    config = {"limit": recipe.eval.limit, "batch_size": recipe.eval.batch_size}
+    if not force and is_up_to_date(out_dir, "eval", config, inputs):
+        return out_dir
+    task = read_task(recipe.data.test, recipe.eval.limit)
+    load = ModelLoadConfig()
+    with stage_output(out_dir, "eval", config, inputs) as run:
+        (reference,) = evaluate_pairs(recipe.old, [r.source], task, recipe.eval.batch_size, load, progress,
+                                      include_base=False)
+        new = evaluate_pairs(recipe.new, [r.source, *map(str, arms.values())], task, recipe.eval.batch_size, load,
+                             progress)
+        rows = [_row("old base + old adapter", reference)]
+        by_dir = {res.name.split(" + ", 1)[1]: res for res in new[1:]}
+        rows.append(_row("new base alone", with_flips(new[:1], reference)[0]))
+        copy = by_dir.get(Path(r.source).name)
+        rows.append(_row("copy (old adapter as is)", with_flips([copy], reference)[0]) if copy
+                    else {"arm": "copy (old adapter as is)", "note": "does not load: shapes differ"})
+        for stage, path in arms.items():
+            label = {"transfer": "transfer only", "search": "searched init", "finetune": "final (finetuned)"}[stage]
+            rows.append(_row(label, with_flips([by_dir[path.name]], reference)[0]))
+        (run.tmp_dir / RESULTS).write_text(json.dumps({"metric": reference.metric, "results": rows}, indent=2))
+    return out_dir
+
+
+def _row(arm: str, res: EvalResult) -> dict:
+    return {"arm": arm, **res.summary(), "metric": res.metric, "score": res.score}
+
+
+def stage_costs(r: AdapterRun) -> list[dict]:
+    """Wall time and peak RSS per stage, from the manifests."""
+    rows = []
+    for stage in STAGES:
+        if stage in r.dirs:
+            m = read_manifest(r.dirs[stage])
+            rows.append({"stage": stage, "wall_s": m.get("wall_s"), "peak_rss_mb": m.get("peak_rss_mb"),
+                         "ran": r.ran.get(stage, False), "dir": str(r.dirs[stage])})
+    return rows
+
+
+def write_report(recipe: Recipe, runs: list[AdapterRun], run_dir: Path, elapsed: float) -> Path:
+    """report.md (comparison table, negative flips, time and memory per stage, the stages' plots) and
+    summary.json, written atomically."""
+    lines = [f"# Migration report: {recipe.name}", "", recipe.description, "",
+             f"- old base: `{recipe.old}`", f"- new base: `{recipe.new}`", f"- test data: `{recipe.data.test}`",
+             f"- this invocation: {elapsed:.1f} s", ""]
+    summary = {"recipe": recipe.model_dump(), "adapters": {}}
+    for r in runs:
+        metric = next((x["metric"] for x in r.results if "metric" in x), "score")
+        lines += [f"## {r.name}", "", f"| arm | n | loss | {metric} | negative flips |", "|---|---|---|---|---|"]
+        for x in r.results:
+            if "note" in x:
+                lines.append(f"| {x['arm']} | – | – | – | {x['note']} |")
+            else:
+                lines.append(f"| {x['arm']} | {x['n']} | {x['loss']:.4f} | {x['score']:.4f} | "
+                             f"{x.get('negative_flips', '–') if x['arm'] != 'old base + old adapter' else 'reference'} |")
+        costs = stage_costs(r)
+        lines += ["", "| stage | wall s | peak RSS MB | this run |", "|---|---|---|---|"]
+        lines += [f"| {c['stage']} | {c['wall_s']} | {c['peak_rss_mb']} | {'ran' if c['ran'] else 'kept'} |" for c in costs]
+        plots = [p for stage in ("search", "finetune") if stage in r.dirs
+                 for p in sorted(r.dirs[stage].glob("*.png"))]
+        lines += [""] + [f"![{p.parent.name}/{p.name}]({p.relative_to(run_dir) if p.is_relative_to(run_dir) else p})"
+                         for p in plots] + [""]
+        summary["adapters"][r.name] = {"final": str(r.final), "results": r.results, "stages": costs}
+    report = run_dir / "report.md"
+    for path, text in ((report, "\n".join(lines)), (run_dir / "summary.json", json.dumps(summary, indent=2))):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return report
+
+
+def timed_run(recipe: Recipe, run_dir: Path, force_from: str | None = None, align_dir: Path | None = None,
+              progress: ProgressFn = no_progress) -> tuple[list[AdapterRun], Path]:
+    started = time.perf_counter()
+    runs = run_recipe(recipe, run_dir, force_from, align_dir, progress)
+    return runs, write_report(recipe, runs, Path(run_dir), time.perf_counter() - started)

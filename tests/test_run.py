@@ -1,0 +1,132 @@
+"""`loramigrate run` on the shipped debug recipe: all stages, the report, skipping, and resuming after a
+kill in any stage to the same final adapter."""
+
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from loramigrate.adapters import read_adapter
+from loramigrate.cli.main import app
+from tests.helpers import WORDS, make_lora, make_tiny
+
+runner = CliRunner()
+RECIPE = Path(__file__).parent.parent / "recipes" / "debug-tiny.yaml"
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def build_debug(root: Path, adapters=("water",)) -> Path:
+    """The files the debug recipe names, under ``root``."""
+    old = make_tiny("llama", root / "old")
+    make_tiny("llama", root / "new", seed=1, layers=3, intermediate=96)
+    for i, name in enumerate(adapters):
+        make_lora(old, root / "adapters" / name, targets=TARGETS, seed=i)
+    rng = random.Random(0)
+    for split, n in (("train", 40), ("val", 8), ("test", 8)):
+        rows = [{"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " water"} for _ in range(n)]
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def debug_models(tmp_path_factory):
+    return build_debug(tmp_path_factory.mktemp("debug"))
+
+
+@pytest.fixture()
+def debug(debug_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMIGRATE_DEBUG", str(debug_models))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def whole_run(debug_models, tmp_path_factory):
+    """One uninterrupted run, the reference for the resumed ones."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAMIGRATE_DEBUG", str(debug_models))
+        out = tmp_path_factory.mktemp("whole") / "run"
+        assert run(out).exit_code == 0
+    return out
+
+
+def run(out, *extra):
+    return runner.invoke(app, ["-q", "run", str(RECIPE), "-o", str(out), *map(str, extra)])
+
+
+def factors(adapter_dir):
+    return {n: (m.b, m.a) for n, m in read_adapter(adapter_dir).modules.items()}
+
+
+def test_run_writes_every_stage_and_the_report_then_reruns_by_skipping(debug):
+    result = run(debug / "run")
+    assert result.exit_code == 0, result.output
+    for stage in ("transfer", "search", "finetune", "eval"):
+        assert (debug / "run" / "water" / stage / "manifest.json").is_file(), stage
+    report = (debug / "run" / "report.md").read_text()
+    for arm in ("old base + old adapter", "new base alone", "copy (old adapter as is)", "transfer only",
+                "searched init", "final (finetuned)"):
+        assert arm in report, arm
+    assert "exact_match" in result.stdout and "final adapter" in result.stdout
+    stamps = {p: p.stat().st_mtime_ns for p in (debug / "run").rglob("manifest.json")}
+    again = run(debug / "run")
+    assert again.exit_code == 0 and "kept from earlier runs: align, transfer, search, finetune, eval" in again.stdout
+    assert stamps == {p: p.stat().st_mtime_ns for p in (debug / "run").rglob("manifest.json")}
+
+
+def test_from_redoes_that_stage_and_the_later_ones(debug):
+    assert run(debug / "run").exit_code == 0
+    result = run(debug / "run", "--from", "finetune", "--set", "finetune.steps=3")
+    assert result.exit_code == 0 and "kept from earlier runs: align, transfer, search)" in result.stdout
+    assert len((debug / "run" / "water" / "finetune" / "log.jsonl").read_text().splitlines()) == 3
+
+
+KILLS = {  # stage → (module attribute to break, which call raises)
+    "align": ("loramigrate.align.runner.save_alignment", 1),
+    "transfer": ("loramigrate.transfer.runner.verify_with_peft", 1),
+    "search": ("loramigrate.search.runner._apply", 2),
+    "finetune": ("loramigrate.finetune.loop._checkpoint", 2),
+    "eval": ("loramigrate.pipeline.evaluate_pairs", 2),
+}
+
+
+@pytest.mark.parametrize("stage", list(KILLS))
+def test_a_run_killed_in_any_stage_resumes_to_the_same_final_adapter(debug, whole_run, monkeypatch, stage):
+    target, nth = KILLS[stage]
+    module, _, attr = target.rpartition(".")
+    real, calls = getattr(__import__(module, fromlist=[attr]), attr), []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == nth:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(target, killed)
+    assert run(debug / "killed").exit_code != 0
+    monkeypatch.setattr(target, real)
+    result = run(debug / "killed")
+    assert result.exit_code == 0, result.output
+    whole, resumed = factors(whole_run / "water" / "finetune"), factors(debug / "killed" / "water" / "finetune")
+    for name, (b, a) in whole.items():
+        assert torch.allclose(b @ a, resumed[name][0] @ resumed[name][1], atol=1e-5), name
+
+
+def test_a_fleet_of_three_adapters_shares_one_alignment(tmp_path, monkeypatch):
+    root = build_debug(tmp_path / "debug", adapters=("a", "b", "c"))
+    monkeypatch.setenv("LORAMIGRATE_DEBUG", str(root))
+    script = Path(__file__).parent.parent / "scripts" / "migrate_many.sh"
+    proc = subprocess.run(["bash", str(script), str(RECIPE), str(root / "adapters"), str(tmp_path / "fleet"), "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    align = json.loads((tmp_path / "fleet" / "align" / "manifest.json").read_text())
+    assert align["stage"] == "align"
+    for name in ("a", "b", "c"):
+        summary = json.loads((tmp_path / "fleet" / name / "summary.json").read_text())
+        stages = {s["stage"]: s for s in summary["adapters"][name]["stages"]}
+        assert stages["align"]["dir"] == str(tmp_path / "fleet" / "align")
+    ran_align = [json.loads((tmp_path / "fleet" / n / "summary.json").read_text())["adapters"][n]["stages"][0]["ran"]
+                 for n in ("a", "b", "c")]
+    assert sum(ran_align) == 1
