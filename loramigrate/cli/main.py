@@ -8,6 +8,7 @@ from loramigrate import __version__
 from loramigrate.cli._ui import setup_logging
 from loramigrate.cli.align import EXAMPLES as ALIGN_EXAMPLES
 from loramigrate.cli.align import align
+from loramigrate.cli.demo import demo
 from loramigrate.cli.evaluate import EXAMPLES as EVAL_EXAMPLES
 from loramigrate.cli.evaluate import evaluate
 from loramigrate.cli.finetune import EXAMPLES as FINETUNE_EXAMPLES
@@ -45,6 +46,7 @@ def main(
     setup_logging(verbose, quiet)
 
 
+app.command()(demo)
 app.command(epilog=RUN_EXAMPLES)(run)
 app.command(epilog=ALIGN_EXAMPLES)(align)
 app.command(epilog=TRANSFER_EXAMPLES)(transfer)
