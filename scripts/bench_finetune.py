@@ -23,75 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 from datetime import date
-from pathlib import Path
 
 import torch
-
-METRIC = {"generation": "exact_match", "classification": "accuracy"}
-
-
-def sh(*args) -> None:
-    cmd = ["loramigrate", "-q", *map(str, args)]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def manifest(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
-
-
-def curve(out: Path, metric: str, x: str = "s") -> list[tuple[float, float]]:
-    """(seconds or step, validation metric) at each evaluation."""
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return [(r[x], r[f"val_{metric}"]) for r in rows if f"val_{metric}" in r]
-
-
-def step_seconds(out: Path) -> float:
-    """Median seconds of a training step, evaluations excluded."""
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    gaps = sorted(b["s"] - a["s"] for a, b in zip(rows, rows[1:], strict=False) if "val_loss" not in a)
-    return gaps[len(gaps) // 2]
-
-
-def first_reaching(points: list[tuple[float, float]], value: float) -> float | None:
-    return next((s for s, v in points if v >= value - 1e-9), None)
+from benchlib import METRIC, add_common_args, baselines, curve, first_reaching, manifest, plot_curves, sh, step_seconds
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--old-base", required=True)
-    ap.add_argument("--new-base", required=True)
-    ap.add_argument("--data", type=Path, required=True, help="folder with train/val/test.jsonl")
-    ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=100, help="finetune steps of the migrated and scratch arms")
-    ap.add_argument("--retrain-steps", type=int, default=400)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--eval-limit", type=int, default=300)
-    ap.add_argument("--test-limit", type=int, default=1000)
-    ap.add_argument("--align-args", default="", help="extra options for `loramigrate align`")
+    add_common_args(ap)
     args = ap.parse_args()
     w = args.work
-    w.mkdir(parents=True, exist_ok=True)
+    common = baselines(args)
     train, val, test = (args.data / f"{s}.jsonl" for s in ("train", "val", "test"))
-    small = w / "train-100.jsonl"
-    small.write_text("".join(train.read_text().splitlines(keepends=True)[:100]))
     from loramigrate.evaluate import read_task
 
     metric = METRIC[read_task(val, 1).kind]
-    common = ["--val", val, "--batch-size", args.batch_size, "--lr", args.lr, "--eval-every", args.eval_every,
-              "--eval-limit", args.eval_limit]
-    fresh = ["--init", "fresh", "--rank", args.rank, "--alpha", 2 * args.rank]
-    sh("finetune", "--base", args.old_base, "--data", train, "--steps", args.retrain_steps, *fresh, *common, "-o", w / "old")
-    sh("align", "--old", args.old_base, "--new", args.new_base, *args.align_args.split(), "-o", w / "align")
-    sh("transfer", "--align", w / "align", "--adapter", w / "old", "-o", w / "transfer")
-    sh("finetune", "--base", args.new_base, "--data", train, "--steps", args.retrain_steps, *fresh, *common,
-       "-o", w / "retrain")
-    sh("finetune", "--base", args.new_base, "--data", small, "--steps", args.steps, *fresh, *common, "-o", w / "scratch")
     variants = {"migrated": [], "migrated+reg": ["--reg-lambda", "1.0", "--reg-final", "0.01"],
                 "migrated+refLoRA": ["--rebalance", "scalar"],
                 "migrated+reg+refLoRA": ["--reg-lambda", "1.0", "--reg-final", "0.01", "--rebalance", "scalar"]}
@@ -147,20 +94,7 @@ def main() -> None:
               f"{r.get('negative_flips', '–')} | {reach if reach is None else round(reach, 1)} | {ratio} | {step_ratio} | "
               f"{sps:.2f} | {sps / plain_step:.2f}× | "
               f"{manifest(w / arm)['peak_rss_mb']:.0f} |")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for arm, pts in plots.items():
-        ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", ms=3, label=arm)
-    ax.axhline(ready_value, color="grey", ls=":", label="retrain final")
-    ax.set_xlabel("wall seconds (migrated arms include transfer)")
-    ax.set_ylabel(f"val {metric}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(w / "bench_finetune.png", dpi=100)
+    plot_curves(plots, ready_value, metric, w / "bench_finetune.png", "wall seconds (migrated arms include transfer)")
     print(f"\nplot: {w / 'bench_finetune.png'}")
 
 
