@@ -208,8 +208,22 @@ def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: i
         loss, correct = _metrics(model, tok, task, batch_size, progress, Path(adapter).name)
         name = f"{Path(base_ref).name} + {Path(adapter).name}"
         results.append(EvalResult(name, len(correct), loss, metric, sum(correct) / len(correct), correct))
-        base = model.unload()
+        base = unload_to_base(model)
     return results
+
+
+def unload_to_base(model: nn.Module) -> nn.Module:
+    """The base model as it was before the adapter: PEFT's ``unload`` keeps an adapter's
+    ``modules_to_save`` copies (a trained head) in the model, which the next adapter would inherit."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    originals = {name.removeprefix("base_model.model."): m.original_module for name, m in model.named_modules()
+                 if isinstance(m, ModulesToSaveWrapper)}
+    base = model.unload()
+    for name, original in originals.items():
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent) if parent else base, child, original)
+    return base
 
 
 def with_flips(results: list[EvalResult], reference: EvalResult) -> list[EvalResult]:

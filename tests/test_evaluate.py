@@ -4,13 +4,15 @@ import json
 import random
 
 import pytest
+import torch
 import transformers
 from peft import LoraConfig, TaskType, get_peft_model
 from typer.testing import CliRunner
 
 from loramigrate.cli.main import app
+from loramigrate.config import ModelLoadConfig
 from loramigrate.errors import ArtifactError
-from loramigrate.evaluate import negative_flips, read_task
+from loramigrate.evaluate import evaluate_pairs, negative_flips, read_task
 from tests.helpers import WORDS, make_lora
 
 runner = CliRunner()
@@ -87,3 +89,29 @@ def test_answer_matches_at_a_word_boundary():
     assert answer_matches(" 927 What is 12 plus 3?", "927")
     assert answer_matches("927\n", " 927")
     assert not answer_matches(" 9271", "927") and not answer_matches("The answer is 927", "927")
+
+
+def test_adapters_evaluated_together_do_not_inherit_each_others_heads(tiny_models, tmp_path):
+    """PEFT's unload keeps a modules_to_save copy; the next adapter must see the original module."""
+    model_dir = tiny_models["bert"]
+    for seed, saved in ((0, ["bert.pooler.dense"]), (1, None)):  # the first also saves the pooler
+        torch.manual_seed(seed)
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+        peft_model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query"],
+                                                     modules_to_save=saved))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "modules_to_save" in name:
+                    p.add_(torch.randn_like(p))
+        peft_model.save_pretrained(tmp_path / f"cls{seed}")
+    data = tmp_path / "cls.jsonl"
+    rows = [{"text": w, "label": ["neg", "pos"][i % 2]} for i, w in enumerate(WORDS[:16])]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = read_task(data)
+    load = ModelLoadConfig()
+    torch.manual_seed(0)  # the tiny encoder has no pooler weights: the same random pooler in both loads
+    together = evaluate_pairs(str(model_dir), [str(tmp_path / "cls0"), str(tmp_path / "cls1")], task, 8, load)
+    torch.manual_seed(0)
+    alone = evaluate_pairs(str(model_dir), [str(tmp_path / "cls1")], task, 8, load, include_base=False)
+    assert together[2].loss == pytest.approx(alone[0].loss, rel=1e-6)
+    assert together[1].loss != pytest.approx(together[2].loss, rel=1e-4)
