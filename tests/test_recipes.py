@@ -19,7 +19,7 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_is_valid(path, monkeypatch):
     monkeypatch.setenv("LORAMIGRATE_CACHE", "/cache")
-    monkeypatch.setenv("LORAMIGRATE_DEBUG", "/debug")
+    monkeypatch.setenv("LORAMIGRATE_DEBUG_MODELS", "/debug")
     recipe = load_recipe(path)
     assert recipe.align_config().layer_map in LAYER_MAPPERS
     assert recipe.old.startswith(("/cache/models/", "/debug/")) and recipe.adapters

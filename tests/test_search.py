@@ -2,8 +2,10 @@
 shared by workers, and bad input is refused."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -116,20 +118,25 @@ def test_an_interrupted_study_resumes_to_n_trials(pair, tmp_path, monkeypatch):
 
 
 def test_two_workers_share_one_study_without_duplicates(pair, tmp_path):
-    journal = tmp_path / "study.log"
-    cmd = [sys.executable, "-m", "loramigrate", "-q", "search", "--align", str(pair["align"]), "--transfer",
-           str(pair["transfer"]), "--data", str(pair["data"]), "--limit", str(pair["rows"]), "--batch-size", "256",
-           "--evolution-rank", "4", "--n-trials", "8", "--sampler", "tpe", "--storage", str(journal), "--study", "shared"]
-    workers = [subprocess.Popen([*cmd, "-o", str(tmp_path / f"w{i}")], stderr=subprocess.PIPE, text=True) for i in (1, 2)]
-    for w in workers:
-        assert w.wait(timeout=300) == 0, w.stderr.read()
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    """scripts/search_workers.sh: two processes on one journal file complete N trials in total."""
+    script = Path(__file__).parent.parent / "scripts" / "search_workers.sh"
+    root = tmp_path / "shared"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(script), str(pair["align"]), str(pair["transfer"]), str(pair["data"]), str(root),
+                           "2", "8", "--", "--limit", str(pair["rows"]), "--batch-size", "256", "--evolution-rank", "4",
+                           "--sampler", "tpe"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(root / "study.log")))
+    trials = optuna.load_study(study_name="search", storage=storage).trials
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 8
     assert len({t.number for t in trials}) == len(trials)
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 8
     assert sum(all(v == (1.0 if k.startswith("alpha") else 0.0) for k, v in t.params.items()) for t in complete) == 1
+    for worker in ("worker-1", "worker-2"):
+        assert (root / worker / "adapter_model.safetensors").is_file()
+    best = json.loads((root / "best" / "manifest.json").read_text())["search"]
+    assert best["trials"] == 8 and best["best_value"] == min(t.value for t in complete)
 
 
 def test_bad_input(pair, tiny_models, tmp_path):
