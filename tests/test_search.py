@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from loramigrate.cli.main import app
 from loramigrate.config import SearchConfig
+from loramigrate.errors import ConfigError
 from loramigrate.search import run_search
 from loramigrate.search import runner as search_runner
 from tests.helpers import WORDS, build, make_lora, make_tokenizer, save, tiny_config
@@ -115,6 +116,37 @@ def test_an_interrupted_study_resumes_to_n_trials(pair, tmp_path, monkeypatch):
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6 and states[3] == optuna.trial.TrialState.FAIL
     assert json.loads((out / "manifest.json").read_text())["search"]["trials"] == 6
+
+
+def test_multi_fidelity_trials_score_a_short_finetune_and_stop_poor_ones_early(pair, tmp_path):
+    from loramigrate.evaluate import read_task
+    from loramigrate.finetune.loop import batch_rows
+    from loramigrate.finetune.objective import completion_loss
+
+    cfg = config(pair, fidelity_steps=3, train=str(pair["data"]), space="global", sampler="tpe", n_trials=8)
+    out = run_search(cfg, tmp_path / "s")
+    study = optuna.load_study(study_name=cfg.study, storage=f"sqlite:///{out / 'study.db'}")
+    first = study.trials[0]
+    assert first.params == {"alpha": 1.0, "beta": 0.0} and sorted(first.intermediate_values) == [0, 1, 2]
+    # trial 0 = transfer as is + 3 Adam steps on the LoRA factors, recomputed here with stock PEFT
+    base = transformers.AutoModelForCausalLM.from_pretrained(pair["model"])
+    model = PeftModel.from_pretrained(base, str(pair["transfer"]), is_trainable=True).eval()
+    task, tok = read_task(pair["data"]), transformers.AutoTokenizer.from_pretrained(pair["model"])
+    loss = completion_loss(tok, task, cfg.max_len)
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if "lora_" in n], lr=cfg.fidelity_lr)
+    for step in range(3):
+        opt.zero_grad()
+        loss(model, batch_rows(task.rows, step, cfg.batch_size, cfg.seed)).backward()
+        opt.step()
+    with torch.no_grad():
+        assert first.value == pytest.approx(float(loss(model, task.rows)), rel=1e-4)
+    states = {t.state for t in study.trials}
+    assert states <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    summary = json.loads((out / "manifest.json").read_text())["search"]
+    assert summary["trials"] == 8 and summary["transfer_as_is"] == first.value
+    assert summary["pruned"] == sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    with pytest.raises(ConfigError, match="needs training data"):
+        run_search(config(pair, fidelity_steps=2), tmp_path / "no-train")
 
 
 def test_two_workers_share_one_study_without_duplicates(pair, tmp_path):
