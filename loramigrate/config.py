@@ -77,7 +77,8 @@ class FinetuneConfig(_Config):
     max_len: int = Field(128, ge=8)
     lr: float = Field(3e-4, gt=0)
     lora_plus_ratio: float = Field(1.0, ge=1)  # LoRA+: lr of B = ratio × lr of A
-    warmup: int = Field(0, ge=0)  # linear warm-up steps, then cosine decay to 10 %
+    warmup: int = Field(0, ge=0)  # linear warm-up steps before the decay
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up, to 10 % of lr at the end
     reg_lambda: float = Field(0.0, ge=0)  # λ at the start of ‖sBA − s₀B₀A₀‖² toward the init
     reg_final: float = Field(0.0, ge=0)  # λ at the end
     reg_schedule: Literal["constant", "step", "linear", "cosine", "exponential"] = "step"
@@ -111,6 +112,9 @@ class SearchConfig(_Config):
     beta_max: float = Field(1.0, ge=0)  # β ∈ [−beta_max, beta_max] scales the base evolution
     gamma_max: float = Field(0.5, ge=0)  # γ ∈ [0, gamma_max] scales a seeded fresh direction (groups space)
     evolution_rank: int = Field(16, ge=1)
+    fidelity_steps: int = Field(0, ge=0)  # > 0: a trial's value is the val loss after this many finetune steps
+    train: str | None = None  # training JSONL of those steps
+    fidelity_lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     max_len: int = Field(128, ge=8)
     seed: int = 0

@@ -81,7 +81,9 @@ class Recipe(_Config):
         return TransferConfig(align=align, adapter=adapter, **self.transfer)
 
     def search_config(self, align: str, transfer: str) -> SearchConfig:
-        return SearchConfig(align=align, transfer=transfer, data=self.data.val, **(self.search or {}))
+        search = self.search or {}  # the multi-fidelity objective (fidelity_steps > 0) trains on the recipe's data
+        options = {"train": self.data.train if search.get("fidelity_steps") else None, **search}
+        return SearchConfig(align=align, transfer=transfer, data=self.data.val, **options)
 
     def finetune_config(self, init: str) -> FinetuneConfig:
         return FinetuneConfig(base=self.new, init=init, data=self.data.train, val=self.data.val, **(self.finetune or {}))

@@ -9,6 +9,8 @@ Run (MiniLM-L3 → L6 on multiemo):
   python scripts/bench_search.py --align /tmp/bench-ft/align --transfer /tmp/bench-ft/transfer \
       --new-base ~/.cache/loramigrate/models/minilm-l6 --data ~/.cache/loramigrate/data/multiemo \
       --work /tmp/bench-search
+  # the multi-fidelity objective (val loss after 5 finetune steps, poor trials pruned):
+  python scripts/bench_search.py ... --fidelity-steps 5 --work /tmp/bench-search-mf
 """
 
 from __future__ import annotations
@@ -16,24 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 from datetime import date
 from pathlib import Path
 
 import torch
+from benchlib import METRIC, curve, first_reaching, manifest, sh
 
 from loramigrate.evaluate import read_task
-
-
-def sh(*args) -> None:
-    cmd = ["loramigrate", "-q", *map(str, args)]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def evals(out: Path, metric: str) -> list[tuple[float, float]]:
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return [(r["s"], r[f"val_{metric}"]) for r in rows if f"val_{metric}" in r]
 
 
 def main() -> None:
@@ -48,6 +39,8 @@ def main() -> None:
     ap.add_argument("--space", default="groups")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--finetune-args", default="--batch-size 32 --lr 1e-3 --eval-every 20 --eval-limit 300")
+    ap.add_argument("--fidelity-steps", type=int, default=0,
+                    help="> 0: the multi-fidelity objective (val loss after this many finetune steps, pruned early)")
     args = ap.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -55,24 +48,25 @@ def main() -> None:
     # trials score the first --limit rows of a split the finetune validation (first 300 of val) does not use
     search_val = w / "search-val.jsonl"
     search_val.write_text("".join(val.read_text().splitlines(keepends=True)[-args.limit:]))
+    fidelity = ["--fidelity-steps", args.fidelity_steps, "--train", train] if args.fidelity_steps else []
     sh("search", "--align", args.align, "--transfer", args.transfer, "--data", search_val, "--limit", args.limit,
-       "--n-trials", args.n_trials, "--space", args.space, "-o", w / "search")
+       "--n-trials", args.n_trials, "--space", args.space, *fidelity, "-o", w / "search")
     for name, init in (("from-transfer", args.transfer), ("from-search", w / "search")):
         sh("finetune", "--base", args.new_base, "--init", init, "--data", train, "--val", val, "--steps", args.steps,
            *args.finetune_args.split(), "-o", w / name)
     sh("eval", "--base", args.new_base, "--adapter", args.transfer, "--adapter", w / "search", "--adapter",
        w / "from-transfer", "--adapter", w / "from-search", "--data", test, "--limit", 1000, "--json", w / "eval.json")
 
-    metric = "accuracy" if read_task(val, 1).kind == "classification" else "exact_match"
-    s = json.loads((w / "search" / "manifest.json").read_text())
+    metric = METRIC[read_task(val, 1).kind]
+    s = manifest(w / "search")
     summary = s["search"]
     tests = {r["name"].split(" + ")[-1]: r for r in json.loads((w / "eval.json").read_text())["results"]}
-    plain, searched = evals(w / "from-transfer", metric), evals(w / "from-search", metric)
+    plain, searched = curve(w / "from-transfer", metric), curve(w / "from-search", metric)
     target = plain[-1][1]
-    reach = next((t for t, v in searched if v >= target - 1e-9), None)
-    plain_reach = next(t for t, v in plain if v >= target - 1e-9)
+    reach, plain_reach = first_reaching(searched, target), first_reaching(plain, target)
     print(f"\n## search benchmark ({date.today()}, {platform.machine()}, {torch.get_num_threads()} threads)\n")
-    print(f"- {summary['trials']} trials, {args.space} space, {args.limit} validation examples per trial; "
+    print(f"- {summary['trials']} trials ({summary.get('pruned', 0)} more pruned), {args.space} space, objective: "
+          f"{summary.get('objective', 'val loss')} on {args.limit} validation examples; "
           f"stage wall time {s['wall_s']:.0f} s, peak RSS {s['peak_rss_mb']:.0f} MB")
     print(f"- one validation pass {summary['validation_pass_s']:.2f} s; median trial {summary['median_trial_s']:.2f} s "
           f"(×{summary['trial_cost_ratio']:.2f}, sampler included), blend + pass {summary['median_blend_and_pass_s']:.2f} s "
@@ -82,10 +76,10 @@ def main() -> None:
     print(f"| init | test {metric} before finetune | after {args.steps} steps: val {metric} | test {metric} | test loss | "
           f"time to {target:.3f} val (s) |")
     print("|---|---|---|---|---|---|")
-    for name, init, tuned, curve, t in (("plain transfer", args.transfer.name, "from-transfer", plain, plain_reach),
+    for name, init, tuned, points, t in (("plain transfer", args.transfer.name, "from-transfer", plain, plain_reach),
                                         ("searched", "search", "from-search", searched, reach)):
         after = tests[tuned]
-        print(f"| {name} | {tests[init][metric]:.3f} | {curve[-1][1]:.3f} | {after[metric]:.3f} | {after['loss']:.3f} | "
+        print(f"| {name} | {tests[init][metric]:.3f} | {points[-1][1]:.3f} | {after[metric]:.3f} | {after['loss']:.3f} | "
               f"{'not reached' if t is None else round(t, 1)} |")
 
 

@@ -160,3 +160,18 @@ def test_finetune_with_restarts_learns_and_saves_rank_r(tiny_models, task, tmp_p
     evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "val_loss" in line]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert all(m.rank == 4 for m in read_adapter(out).modules.values())
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_learning_rate_warms_up_then_follows_its_schedule(schedule):
+    total, warmup = 50, 10
+    factors = [loop.lr_factor(schedule, s, total, warmup) for s in range(total)]
+    assert factors[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert factors[warmup] == pytest.approx(1.0)
+    after = factors[warmup:]
+    assert all(x >= y - 1e-12 for x, y in zip(after, after[1:], strict=False))  # never climbs again
+    end = loop.lr_factor(schedule, total, total, warmup)
+    assert end == pytest.approx(1.0 if schedule == "constant" else loop.LR_FLOOR)
+    if schedule == "linear":  # halfway through the decay: halfway between 1 and the floor
+        assert loop.lr_factor(schedule, warmup + (total - warmup) // 2, total, warmup) == pytest.approx(
+            (1 + loop.LR_FLOOR) / 2)

@@ -19,7 +19,7 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_is_valid(path, monkeypatch):
     monkeypatch.setenv("LORAMIGRATE_CACHE", "/cache")
-    monkeypatch.setenv("LORAMIGRATE_DEBUG", "/debug")
+    monkeypatch.setenv("LORAMIGRATE_DEBUG_MODELS", "/debug")
     recipe = load_recipe(path)
     assert recipe.align_config().layer_map in LAYER_MAPPERS
     assert recipe.old.startswith(("/cache/models/", "/debug/")) and recipe.adapters
@@ -46,3 +46,11 @@ def test_overrides_reach_the_stage_configs(tmp_path):
     assert recipe.finetune_config("i").steps == 7 and recipe.align_config().max_tokens == 64 and recipe.search is None
     with pytest.raises(ConfigError, match="STAGE.KEY=VALUE"):
         load_recipe(path, ["finetune.steps"])
+
+
+def test_multi_fidelity_search_trains_on_the_recipe_data(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL + "search: {fidelity_steps: 3}\n")
+    assert load_recipe(path).search_config("A", "T").train == "t"
+    path.write_text(MINIMAL)
+    assert load_recipe(path).search_config("A", "T").train is None

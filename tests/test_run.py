@@ -39,7 +39,7 @@ def debug_models(tmp_path_factory):
 
 @pytest.fixture()
 def debug(debug_models, tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAMIGRATE_DEBUG", str(debug_models))
+    monkeypatch.setenv("LORAMIGRATE_DEBUG_MODELS", str(debug_models))
     return tmp_path
 
 
@@ -47,7 +47,7 @@ def debug(debug_models, tmp_path, monkeypatch):
 def whole_run(debug_models, tmp_path_factory):
     """One uninterrupted run, the reference for the resumed ones."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORAMIGRATE_DEBUG", str(debug_models))
+        mp.setenv("LORAMIGRATE_DEBUG_MODELS", str(debug_models))
         out = tmp_path_factory.mktemp("whole") / "run"
         assert run(out).exit_code == 0
     return out
@@ -116,7 +116,7 @@ def test_a_run_killed_in_any_stage_resumes_to_the_same_final_adapter(debug, whol
 
 def test_a_fleet_of_three_adapters_shares_one_alignment(tmp_path, monkeypatch):
     root = build_debug(tmp_path / "debug", adapters=("a", "b", "c"))
-    monkeypatch.setenv("LORAMIGRATE_DEBUG", str(root))
+    monkeypatch.setenv("LORAMIGRATE_DEBUG_MODELS", str(root))
     script = Path(__file__).parent.parent / "scripts" / "migrate_many.sh"
     proc = subprocess.run(["bash", str(script), str(RECIPE), str(root / "adapters"), str(tmp_path / "fleet"), "2"],
                           capture_output=True, text=True, timeout=600)

@@ -2,8 +2,10 @@
 shared by workers, and bad input is refused."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -14,6 +16,7 @@ from typer.testing import CliRunner
 
 from loramigrate.cli.main import app
 from loramigrate.config import SearchConfig
+from loramigrate.errors import ConfigError
 from loramigrate.search import run_search
 from loramigrate.search import runner as search_runner
 from tests.helpers import WORDS, build, make_lora, make_tokenizer, save, tiny_config
@@ -115,21 +118,57 @@ def test_an_interrupted_study_resumes_to_n_trials(pair, tmp_path, monkeypatch):
     assert json.loads((out / "manifest.json").read_text())["search"]["trials"] == 6
 
 
+def test_multi_fidelity_trials_score_a_short_finetune_and_stop_poor_ones_early(pair, tmp_path):
+    from loramigrate.evaluate import read_task
+    from loramigrate.finetune.loop import batch_rows
+    from loramigrate.finetune.objective import completion_loss
+
+    cfg = config(pair, fidelity_steps=3, train=str(pair["data"]), space="global", sampler="tpe", n_trials=8)
+    out = run_search(cfg, tmp_path / "s")
+    study = optuna.load_study(study_name=cfg.study, storage=f"sqlite:///{out / 'study.db'}")
+    first = study.trials[0]
+    assert first.params == {"alpha": 1.0, "beta": 0.0} and sorted(first.intermediate_values) == [0, 1, 2]
+    # trial 0 = transfer as is + 3 Adam steps on the LoRA factors, recomputed here with stock PEFT
+    base = transformers.AutoModelForCausalLM.from_pretrained(pair["model"])
+    model = PeftModel.from_pretrained(base, str(pair["transfer"]), is_trainable=True).eval()
+    task, tok = read_task(pair["data"]), transformers.AutoTokenizer.from_pretrained(pair["model"])
+    loss = completion_loss(tok, task, cfg.max_len)
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if "lora_" in n], lr=cfg.fidelity_lr)
+    for step in range(3):
+        opt.zero_grad()
+        loss(model, batch_rows(task.rows, step, cfg.batch_size, cfg.seed)).backward()
+        opt.step()
+    with torch.no_grad():
+        assert first.value == pytest.approx(float(loss(model, task.rows)), rel=1e-4)
+    states = {t.state for t in study.trials}
+    assert states <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    summary = json.loads((out / "manifest.json").read_text())["search"]
+    assert summary["trials"] == 8 and summary["transfer_as_is"] == first.value
+    assert summary["pruned"] == sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    with pytest.raises(ConfigError, match="needs training data"):
+        run_search(config(pair, fidelity_steps=2), tmp_path / "no-train")
+
+
 def test_two_workers_share_one_study_without_duplicates(pair, tmp_path):
-    journal = tmp_path / "study.log"
-    cmd = [sys.executable, "-m", "loramigrate", "-q", "search", "--align", str(pair["align"]), "--transfer",
-           str(pair["transfer"]), "--data", str(pair["data"]), "--limit", str(pair["rows"]), "--batch-size", "256",
-           "--evolution-rank", "4", "--n-trials", "8", "--sampler", "tpe", "--storage", str(journal), "--study", "shared"]
-    workers = [subprocess.Popen([*cmd, "-o", str(tmp_path / f"w{i}")], stderr=subprocess.PIPE, text=True) for i in (1, 2)]
-    for w in workers:
-        assert w.wait(timeout=300) == 0, w.stderr.read()
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    """scripts/search_workers.sh: two processes on one journal file complete N trials in total."""
+    script = Path(__file__).parent.parent / "scripts" / "search_workers.sh"
+    root = tmp_path / "shared"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(script), str(pair["align"]), str(pair["transfer"]), str(pair["data"]), str(root),
+                           "2", "8", "--", "--limit", str(pair["rows"]), "--batch-size", "256", "--evolution-rank", "4",
+                           "--sampler", "tpe"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(root / "study.log")))
+    trials = optuna.load_study(study_name="search", storage=storage).trials
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 8
     assert len({t.number for t in trials}) == len(trials)
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 8
     assert sum(all(v == (1.0 if k.startswith("alpha") else 0.0) for k, v in t.params.items()) for t in complete) == 1
+    for worker in ("worker-1", "worker-2"):
+        assert (root / worker / "adapter_model.safetensors").is_file()
+    best = json.loads((root / "best" / "manifest.json").read_text())["search"]
+    assert best["trials"] == 8 and best["best_value"] == min(t.value for t in complete)
 
 
 def test_bad_input(pair, tiny_models, tmp_path):

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -29,6 +30,8 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     handler = RichHandler(console=err_console, show_path=False, show_time=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     logging.getLogger("loramigrate").setLevel(level)
+    if not verbose:  # peft reads a transformers property deprecated in v5 on every adapter load: noise to a user
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _one_line(e: Exception) -> str:

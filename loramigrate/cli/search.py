@@ -39,6 +39,11 @@ def search(
     beta_max: Annotated[float, typer.Option(help="β ∈ [−max, max] scales the base evolution W_new − W_old.")] = 1.0,
     gamma_max: Annotated[float, typer.Option(help="γ ∈ [0, max] scales a seeded fresh direction.")] = 0.5,
     evolution_rank: Annotated[int, typer.Option(help="Rank of the cached base-evolution view.")] = 16,
+    fidelity_steps: Annotated[int, typer.Option(help="Multi-fidelity objective: score a blend by its val loss after "
+                                                "this many finetune steps on --train; poor trials are pruned "
+                                                "(0: forward passes only).")] = 0,
+    train: Annotated[Path | None, typer.Option(help="Training JSONL of the multi-fidelity steps.")] = None,
+    fidelity_lr: Annotated[float, typer.Option(help="Learning rate of the multi-fidelity steps.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 16,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
@@ -52,7 +57,8 @@ def search(
     cfg = SearchConfig(
         align=str(align), transfer=str(transfer), data=str(data), n_trials=n_trials, timeout=timeout, limit=limit,
         space=space, sampler=sampler, storage=storage, study=study, alpha_max=alpha_max, beta_max=beta_max,
-        gamma_max=gamma_max, evolution_rank=evolution_rank, batch_size=batch_size, seed=seed,
+        gamma_max=gamma_max, evolution_rank=evolution_rank, fidelity_steps=fidelity_steps,
+        train=str(train) if train else None, fidelity_lr=fidelity_lr, batch_size=batch_size, seed=seed,
         load=ModelLoadConfig(dtype=dtype, device=device),
     )
     with progress_bars() as progress:

@@ -23,7 +23,7 @@ from loramigrate.config import FinetuneConfig
 from loramigrate.errors import ConfigError
 from loramigrate.finetune.objective import BatchLoss
 from loramigrate.finetune.rebalance import rebalance_full, rebalance_scalar
-from loramigrate.finetune.regularise import delta_distance_sq, schedule_value
+from loramigrate.finetune.regularise import SCHEDULES, delta_distance_sq, schedule_value
 from loramigrate.progress import ProgressFn, no_progress
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -64,11 +64,16 @@ def regulariser(factors: dict[str, LoraFactors]) -> torch.Tensor:
                for f in factors.values())
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
+LR_FLOOR = 0.1  # decaying schedules end at this fraction of the peak learning rate
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up to 1, then ``schedule`` (one of the λ schedules,
+    reused) from 1 toward LR_FLOOR at the end."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
-    return 0.1 + 0.9 * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
+    return SCHEDULES[schedule](1.0, LR_FLOOR, min(progress, 1.0), 0.5)
 
 
 def reached(target: tuple[str, float] | None, metrics: dict[str, float]) -> bool:
@@ -169,7 +174,7 @@ def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: B
         if cfg.restart_every and step >= cfg.restart_every and cfg.restart_warmup:
             rewarm = min(1.0, (step % cfg.restart_every) / cfg.restart_warmup)
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = lr * _lr_factor(step, cfg.steps, cfg.warmup) * rewarm
+            g["lr"] = lr * lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.warmup) * rewarm
         opt.step()
         if cfg.rebalance != "none":
             _rebalance(factors, cfg.rebalance)

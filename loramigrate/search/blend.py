@@ -53,6 +53,8 @@ def blend(parts: Ingredients, alpha: float, beta: float, gamma: float) -> tuple[
     if gamma != 0.0:
         bs.append(gamma * parts.fresh[0])
         as_.append(parts.fresh[1])
+    if len(bs) == 1:  # α·transfer alone: keep its factors, so the as-is point is the transferred adapter itself
+        return bs[0], as_[0]
     b, a, _ = refactor(torch.cat(bs, 1), torch.cat(as_, 0), rank=parts.rank)
     return _pad(b, a, parts.rank)
 

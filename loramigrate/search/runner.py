@@ -11,6 +11,7 @@ import shutil
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from loramigrate.alignment import load_alignment
 from loramigrate.artifacts import check_stage, hash_input, hash_inputs, is_up_to_date, prepare_output, stage_output
 from loramigrate.config import SearchConfig
 from loramigrate.errors import ArtifactError, ConfigError
-from loramigrate.evaluate import read_task
+from loramigrate.evaluate import Task, read_task
+from loramigrate.finetune.loop import batch_rows
 from loramigrate.finetune.objective import OBJECTIVES
 from loramigrate.models import load_model, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
@@ -80,11 +82,56 @@ def as_is(space: dict[str, tuple[float, float]]) -> dict[str, float]:
 
 
 def _check_inputs(cfg: SearchConfig) -> None:
+    if cfg.fidelity_steps and not cfg.train:
+        raise ConfigError("the multi-fidelity objective (--fidelity-steps) needs training data (--train)")
     check_stage(Path(cfg.align), "align")
     transfer = check_stage(Path(cfg.transfer), "transfer")
     made_from = transfer.get("inputs", {}).get("align", {}).get("sha256")
     if made_from != hash_input(cfg.align):
         raise ArtifactError(f"{cfg.transfer} was transferred with another alignment than {cfg.align}")
+
+
+def _train_rows(cfg: SearchConfig, val: Task) -> list[dict]:
+    train = read_task(cfg.train)
+    if train.kind != val.kind:
+        raise ConfigError(f"{cfg.train} is a {train.kind} task, {cfg.data} a {val.kind} task")
+    unseen = sorted(set(train.labels) - set(val.labels)) if val.kind == "classification" else []
+    if unseen:
+        raise ConfigError(f"{cfg.train} has labels the validation data lacks (the head is sized from it): {unseen[:5]}")
+    return train.rows
+
+
+def short_finetune(model, layers, batch_loss, rows: list[dict], cfg: SearchConfig, val_loss: Callable[[], float],
+                   report: Callable[[float, int], None]) -> float:
+    """The multi-fidelity objective: ``cfg.fidelity_steps`` Adam steps on the LoRA factors from the blend now
+    loaded (seeded batches, dropout off, head frozen), reporting the validation loss after each step to
+    ``report`` (which may prune the trial). Returns the last validation loss."""
+    weights = [w for layer in layers.values() for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+    opt = torch.optim.Adam(weights, lr=cfg.fidelity_lr)
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        for step in range(cfg.fidelity_steps):
+            opt.zero_grad()
+            with torch.enable_grad():
+                batch_loss(model, batch_rows(rows, step, cfg.batch_size, cfg.seed)).backward()
+            opt.step()
+            loss = val_loss()
+            report(loss, step)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+    return loss
+
+
+def _pruning(trial) -> Callable[[float, int], None]:
+    import optuna
+
+    def report(value: float, step: int) -> None:
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after {step + 1} steps (loss {value:.4f})")
+    return report
 
 
 def _lora_layers(model) -> dict[str, torch.nn.Module]:
@@ -129,15 +176,19 @@ def _open_study(cfg: SearchConfig, storage, space: dict[str, tuple[float, float]
     import optuna
 
     sampler = (optuna.samplers.GPSampler(seed=seed) if cfg.sampler == "gp" else optuna.samplers.TPESampler(seed=seed))
-    signature = json.dumps(space, sort_keys=True)
+    # multi-fidelity trials report after every step; the median rule stops those behind the others
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if cfg.fidelity_steps else optuna.pruners.NopPruner()
+    objective = {"fidelity_steps": cfg.fidelity_steps, "fidelity_lr": cfg.fidelity_lr} if cfg.fidelity_steps else {}
+    signature = json.dumps({"space": space, **objective}, sort_keys=True)
     try:
-        study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler, direction="minimize")
+        study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler, pruner=pruner,
+                                    direction="minimize")
         study.set_user_attr(SPACE_ATTR, signature)
         study.enqueue_trial(as_is(space))
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=cfg.study, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=cfg.study, storage=storage, sampler=sampler, pruner=pruner)
         if study.user_attrs.get(SPACE_ATTR) != signature:
-            raise ConfigError(f"study {cfg.study!r} exists in this storage with a different search space; "
+            raise ConfigError(f"study {cfg.study!r} exists in this storage with a different search space or objective; "
                               "choose another --study") from None
         if own_storage:  # a single-process study: trials left running by an interruption will never finish
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -153,10 +204,12 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
     out_dir = Path(out_dir)
     _check_inputs(cfg)
     task = read_task(cfg.data, cfg.limit)
+    train_rows = _train_rows(cfg, task) if cfg.fidelity_steps else []
     own_storage = cfg.storage is None
     storage = None if own_storage else open_storage(cfg.storage)  # a bad URL fails before any heavy work
     prepare_output(out_dir, allow=(STUDY_DB,))
-    inputs = hash_inputs({"align": cfg.align, "transfer": cfg.transfer, "data": cfg.data})
+    inputs = hash_inputs({"align": cfg.align, "transfer": cfg.transfer, "data": cfg.data,
+                          **({"train": cfg.train} if cfg.fidelity_steps else {})})
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping search (use --force to redo)", out_dir)
@@ -203,7 +256,10 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
         t0 = time.perf_counter()
         _apply(layers, parts, params)
         t1 = time.perf_counter()
-        loss = val_loss()
+        if cfg.fidelity_steps:
+            loss = short_finetune(model, layers, batch_loss, train_rows, cfg, val_loss, report=_pruning(trial))
+        else:
+            loss = val_loss()
         trial.set_user_attr("blend_s", t1 - t0)
         trial.set_user_attr("pass_s", time.perf_counter() - t1)
         if not torch.isfinite(torch.tensor(loss)):
@@ -234,8 +290,13 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
         write_adapter(result, run.tmp_dir)
         _write_trials(study, run.tmp_dir / "trials.csv")
         _plots(study, run.tmp_dir)
-        run.extra["search"] = {"trials": len(finished), "best_trial": best.number, "best_value": best.value,
-                               "best_params": best.params, "transfer_as_is": plain_loss,
+        as_is_trial = next((t for t in finished if t.params == as_is(space)), None)
+        pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+        run.extra["search"] = {"objective": f"val loss after {cfg.fidelity_steps} finetune steps" if cfg.fidelity_steps
+                               else "val loss", "trials": len(finished), "pruned": len(pruned),
+                               "best_trial": best.number, "best_value": best.value, "best_params": best.params,
+                               "transfer_as_is": as_is_trial.value if as_is_trial else None,
+                               "transfer_as_is_val_loss": plain_loss,
                                "validation_pass_s": round(pass_s, 4), **trial_costs(finished, pass_s)}
         if own_storage:
             shutil.copy2(out_dir / STUDY_DB, run.tmp_dir / STUDY_DB)
