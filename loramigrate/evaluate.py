@@ -192,6 +192,7 @@ def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: i
     ref = resolve_model(base_ref)
     tok = load_tokenizer(ref)
     num_labels = len(task.labels) if task.kind == "classification" else None
+    torch.manual_seed(0)  # modules the checkpoint lacks (the head of "base alone") are drawn alike every run
     base = load_model(ref, load_cfg.dtype, load_cfg.device, num_labels=num_labels)
     metric = "exact_match" if task.kind == "generation" else "accuracy"
     results = []

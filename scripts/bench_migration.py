@@ -42,7 +42,8 @@ def main() -> None:
 
     train, val, test = (args.data / f"{s}.jsonl" for s in ("train", "val", "test"))
     metric = METRIC[read_task(val, 1).kind]
-    sh("run", args.recipe, "--adapter", w / "old", "--align-dir", w / "align", "-o", w / "run",
+    # the run aligns with the recipe's options into RUN/align (bench_finetune's align/ has its own options)
+    sh("run", args.recipe, "--adapter", w / "old", "-o", w / "run",
        "--set", f"old={args.old_base}", "--set", f"new={args.new_base}", "--set", f"data.train={train}",
        "--set", f"data.val={val}", "--set", f"data.test={test}", "--set", f"eval.limit={args.test_limit}",
        "--set", f"finetune.steps={args.steps}")
@@ -56,7 +57,7 @@ def main() -> None:
         if name in ("retrain", "scratch"):
             results[{"retrain": "full retrain", "scratch": "scratch (100 examples)"}[name]] = {**r, "score": r[metric]}
 
-    cost = {s: manifest(run / s if s != "align" else w / "align") for s in ("align", "transfer", "search", "finetune")}
+    cost = {s: manifest(w / "run" / s if s == "align" else run / s) for s in ("align", "transfer", "search", "finetune")}
     before_ft = sum(cost[s]["wall_s"] for s in ("align", "transfer", "search"))
     shared = cost["align"]["wall_s"] / FLEET + cost["transfer"]["wall_s"] + cost["search"]["wall_s"]
     retrain, migrated = curve(w / "retrain", metric), curve(run / "finetune", metric)
