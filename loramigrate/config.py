@@ -102,10 +102,10 @@ class SearchConfig(_Config):
     transfer: str  # transfer stage directory (of this alignment)
     data: str  # validation JSONL the trials are scored on
     limit: int = Field(64, ge=1)  # examples of `data` scored per trial (the first N: a fixed split)
-    n_trials: int = Field(30, ge=1)  # completed trials in total, across workers and reruns
+    n_trials: int = Field(30, ge=1)  # finished (completed or pruned) trials in total, across workers and reruns
     timeout: float | None = Field(None, gt=0)  # seconds for this invocation
     space: Literal["global", "groups"] = "groups"  # global: the two-coefficient α, β search
-    sampler: Literal["gp", "tpe"] = "gp"
+    sampler: Literal["auto", "gp", "tpe"] = "auto"  # auto: gp, or tpe for the multi-fidelity objective
     storage: str | None = None  # Optuna storage URL or journal file; None: study.db in the output directory
     study: str = "loramigrate-search"
     alpha_max: float = Field(2.0, gt=0)  # α ∈ [0, alpha_max] scales the transferred delta

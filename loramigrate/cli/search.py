@@ -26,12 +26,14 @@ def search(
     transfer: Annotated[Path, typer.Option(help="Transfer stage directory made with this alignment.")],
     data: Annotated[Path, typer.Option(help="Validation JSONL the trials are scored on.")],
     out: OutDirOpt,
-    n_trials: Annotated[int, typer.Option(help="Completed trials in total (across workers and reruns).")] = 30,
+    n_trials: Annotated[int, typer.Option(help="Finished (completed or pruned) trials in total, across workers "
+                                          "and reruns.")] = 30,
     timeout: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
     limit: Annotated[int, typer.Option(help="Validation examples scored per trial (the first N).")] = 64,
     space: Annotated[str, typer.Option(help="groups: α, β, γ per attention/MLP × early/middle/late; "
                                        "global: one α and one β.")] = "groups",
-    sampler: Annotated[str, typer.Option(help="gp (Gaussian process + EI) or tpe (larger spaces).")] = "gp",
+    sampler: Annotated[str, typer.Option(help="gp (Gaussian process + EI), tpe (larger spaces; learns from pruned "
+                                         "trials too) or auto (gp; tpe with --fidelity-steps).")] = "auto",
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (sqlite:///…, postgresql://…, mysql://…) or "
                                                 "a journal file (*.log); default: study.db in the output.")] = None,
     study: Annotated[str, typer.Option(help="Study name inside the storage.")] = "loramigrate-search",

@@ -175,9 +175,12 @@ def _open_study(cfg: SearchConfig, storage, space: dict[str, tuple[float, float]
     creates it enqueues, so workers sharing a storage never duplicate that trial."""
     import optuna
 
-    sampler = (optuna.samplers.GPSampler(seed=seed) if cfg.sampler == "gp" else optuna.samplers.TPESampler(seed=seed))
-    # multi-fidelity trials report after every step; the median rule stops those behind the others
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if cfg.fidelity_steps else optuna.pruners.NopPruner()
+    # GP learns from completed trials only; TPE also from where pruned ones stopped (multi-fidelity)
+    name = cfg.sampler if cfg.sampler != "auto" else "tpe" if cfg.fidelity_steps else "gp"
+    sampler = optuna.samplers.GPSampler(seed=seed) if name == "gp" else optuna.samplers.TPESampler(seed=seed)
+    # multi-fidelity trials report after every step; from the second on, the median rule stops laggards
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if cfg.fidelity_steps
+              else optuna.pruners.NopPruner())
     objective = {"fidelity_steps": cfg.fidelity_steps, "fidelity_lr": cfg.fidelity_lr} if cfg.fidelity_steps else {}
     signature = json.dumps({"space": space, **objective}, sort_keys=True)
     try:
@@ -247,8 +250,11 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
     seed = cfg.seed if own_storage else cfg.seed + zlib.crc32(str(out_dir.resolve()).encode())
     study = _open_study(cfg, storage, space, own_storage, seed)
 
+    # the budget counts every trial that ran to its end or was stopped by the pruner
+    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
     def objective(trial: optuna.Trial) -> float:
-        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING))
+        done = study.get_trials(deepcopy=False, states=(*counted, optuna.trial.TrialState.RUNNING))
         if len(done) - 1 >= cfg.n_trials:  # other workers already run or ran the last ones
             study.stop()
             raise optuna.TrialPruned("the study has its trials")
@@ -266,18 +272,17 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
             raise optuna.TrialPruned(f"non-finite loss {loss}")
         return loss
 
-    complete = (optuna.trial.TrialState.COMPLETE,)
-    remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=complete))
+    remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=counted))
     if remaining > 0:
         def report(study_, _trial) -> None:
-            progress("search", min(len(study_.get_trials(deepcopy=False, states=complete)), cfg.n_trials), cfg.n_trials)
+            progress("search", min(len(study_.get_trials(deepcopy=False, states=counted)), cfg.n_trials), cfg.n_trials)
         study.optimize(objective, timeout=cfg.timeout, callbacks=[
-            optuna.study.MaxTrialsCallback(cfg.n_trials, states=complete), report])
-    finished = study.get_trials(deepcopy=False, states=complete)
+            optuna.study.MaxTrialsCallback(cfg.n_trials, states=counted), report])
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not finished:
         raise ArtifactError(f"no trial of study {cfg.study!r} completed (timeout {cfg.timeout} s?)")
-    if len(finished) < cfg.n_trials:
-        log.warning("%d of %d trials completed (timeout); rerun the command to continue", len(finished), cfg.n_trials)
+    if len(study.get_trials(deepcopy=False, states=counted)) < cfg.n_trials:
+        log.warning("%d of %d trials finished (timeout); rerun the command to continue", len(finished), cfg.n_trials)
     best = min(finished, key=lambda t: t.value)
     with stage_output(out_dir, STAGE, config, inputs, allow=(STUDY_DB,)) as run:
         run.started = started_at
