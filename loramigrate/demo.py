@@ -16,7 +16,7 @@ from loramigrate.errors import ArtifactError
 from loramigrate.finetune.runner import run_finetune
 from loramigrate.pipeline import AdapterRun, timed_run
 from loramigrate.progress import ProgressFn, no_progress
-from loramigrate.recipes import load_recipe
+from loramigrate.recipes import cache_dir, load_recipe
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -24,12 +24,8 @@ RECIPE = REPO / "recipes" / "minilm-l3-to-l6.yaml"
 FETCH = REPO / "scripts" / "fetch_testbed.sh"
 NEEDED = ("models/minilm-l3/config.json", "models/minilm-l6/config.json", "data/multiemo/test.jsonl")
 # demo-sized budgets on top of the pair recipe (the recipe's own are for a real migration)
-BUDGET = ["search.n_trials=6", "search.limit=64", "finetune.steps=40", "finetune.eval_every=20",
-          "finetune.eval_limit=100", "eval.limit=300", "align.max_tokens=2048"]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORAMIGRATE_CACHE", Path.home() / ".cache" / "loramigrate"))
+BUDGET = ["finetune.steps=80", "finetune.eval_every=40", "finetune.eval_limit=100", "eval.limit=300",
+          "align.max_tokens=2048"]
 
 
 def ensure_testbed(cache: Path) -> None:
@@ -51,7 +47,6 @@ def ensure_testbed(cache: Path) -> None:
 def run_demo(out_dir: Path, progress: ProgressFn = no_progress) -> tuple[list[AdapterRun], Path]:
     cache = cache_dir()
     ensure_testbed(cache)
-    os.environ["LORAMIGRATE_CACHE"] = str(cache)  # the recipe's paths
     old_adapter = cache / "adapters" / "minilm-l3-multiemo-demo"
     data = cache / "data" / "multiemo"
     # the adapter being migrated: a small sentiment LoRA on the old base (kept once trained)

@@ -8,6 +8,7 @@ options. Unknown keys anywhere are errors naming the field.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,28 @@ from loramigrate.errors import ConfigError
 STAGES = ("align", "transfer", "search", "finetune", "eval")
 
 
+def cache_dir() -> Path:
+    """Where the testbed's models, data and the demo's adapters live ($LORAMIGRATE_CACHE)."""
+    return Path(os.environ.get("LORAMIGRATE_CACHE", Path.home() / ".cache" / "loramigrate"))
+
+
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
 def _expand(value: Any) -> Any:
-    """``~`` and ``$VARS`` in strings, so recipes travel between machines."""
-    return os.path.expanduser(os.path.expandvars(value)) if isinstance(value, str) else value
+    """``~`` and ``$VARS`` in strings, so recipes travel between machines; ``$LORAMIGRATE_CACHE``
+    defaults to ~/.cache/loramigrate, any other unset variable is an error."""
+    if not isinstance(value, str):
+        return value
+
+    def var(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        if name == "LORAMIGRATE_CACHE":
+            return str(cache_dir())
+        if name not in os.environ:
+            raise ValueError(f"{value!r} uses ${name}, which is not set")
+        return os.environ[name]
+    return os.path.expanduser(_VAR.sub(var, value))
 
 
 class TaskData(_Config):

@@ -1,12 +1,12 @@
 """The end-to-end benchmark: the whole migration (`loramigrate run`) against retraining, in one run.
 
-Arms: old base + old adapter; new base alone; transfer only; migrated (align → transfer → search →
-finetune); small-scale scratch (100 examples, the migrated finetune budget); full LoRA retraining on
-the new base. Reported: test quality and negative flips (against the old pair), time per stage, peak
-memory, the time-to-readiness ratio against retraining (retrain's time to its final val metric ÷ the
-migrated time to reach it: align + transfer + search + finetune), the same with the alignment shared
-by 10 adapters, and retrain's time to the migrated arm's final quality ÷ the migrated time. Plot:
-metric against wall time for all arms.
+Arms: old base + old adapter; new base alone; transfer only; migrated (`loramigrate run` with the
+recipe: align → transfer → [search] → finetune); small-scale scratch (100 examples, the migrated
+finetune budget); full LoRA retraining on the new base. Reported: test quality and negative flips
+(against the old pair), time per stage, peak memory, the time-to-readiness ratio against retraining
+(retrain's time to its final val metric ÷ the migrated time to reach it: align + transfer + [search] +
+finetune), the same with the alignment shared by 10 adapters, and retrain's time to the migrated arm's
+final quality ÷ the migrated time. Plot: metric against wall time for all arms.
 
 Shares --work with bench_finetune.py: arms already finished there (old, align, transfer, retrain,
 scratch) are kept, not recomputed.
@@ -57,9 +57,10 @@ def main() -> None:
         if name in ("retrain", "scratch"):
             results[{"retrain": "full retrain", "scratch": "scratch (100 examples)"}[name]] = {**r, "score": r[metric]}
 
-    cost = {s: manifest(w / "run" / s if s == "align" else run / s) for s in ("align", "transfer", "search", "finetune")}
-    before_ft = sum(cost[s]["wall_s"] for s in ("align", "transfer", "search"))
-    shared = cost["align"]["wall_s"] / FLEET + cost["transfer"]["wall_s"] + cost["search"]["wall_s"]
+    stages = json.loads((w / "run" / "summary.json").read_text())["adapters"]["old"]["stages"]  # those the recipe runs
+    cost = {s["stage"]: manifest(Path(s["dir"])) for s in stages if s["stage"] != "eval"}
+    before_ft = sum(m["wall_s"] for stage, m in cost.items() if stage != "finetune")
+    shared = before_ft - cost["align"]["wall_s"] * (1 - 1 / FLEET)
     retrain, migrated = curve(w / "retrain", metric), curve(run / "finetune", metric)
     ready = retrain[-1][1]
     retrain_ready = first_reaching(retrain, ready)
@@ -76,8 +77,10 @@ def main() -> None:
     for arm in ("old base + old adapter", "new base alone", "copy (old adapter as is)", "transfer only", "searched init",
                 "final (finetuned)", "scratch (100 examples)", "full retrain"):
         r = results.get(arm)
-        if r is None or "note" in r:
-            print(f"| {arm} | – | – | {r['note'] if r else '–'} |")
+        if r is None:  # a stage the recipe skips
+            continue
+        if "note" in r:
+            print(f"| {arm} | – | – | {r['note']} |")
             continue
         flips = "reference" if arm.startswith("old base") else r.get("negative_flips", "–")
         print(f"| {arm} | {r['score']:.3f} | {r['loss']:.3f} | {flips} |")
@@ -96,7 +99,7 @@ def main() -> None:
           f"time: {ratio(retrain_to_final, before_ft, migrated[-1][0])} (one adapter), "
           f"{ratio(retrain_to_final, shared, migrated[-1][0])} (fleet of {FLEET})")
     curves = {"full retrain": retrain, "scratch (100)": curve(w / "scratch", metric),
-              "migrated (incl. align+transfer+search)": [(s + before_ft, v) for s, v in migrated]}
+              "migrated (incl. the stages before finetune)": [(s + before_ft, v) for s, v in migrated]}
     plot_curves(curves, ready, metric, w / "bench_migration.png", "wall seconds")
     print(f"\nplot: {w / 'bench_migration.png'}")
 

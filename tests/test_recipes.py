@@ -54,3 +54,14 @@ def test_multi_fidelity_search_trains_on_the_recipe_data(tmp_path):
     assert load_recipe(path).search_config("A", "T").train == "t"
     path.write_text(MINIMAL)
     assert load_recipe(path).search_config("A", "T").train is None
+
+
+def test_paths_expand_the_cache_default_and_refuse_unset_variables(tmp_path, monkeypatch):
+    monkeypatch.delenv("LORAMIGRATE_CACHE", raising=False)
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL.replace("old: a", "old: ${LORAMIGRATE_CACHE}/models/a"))
+    assert load_recipe(path).old == str(Path.home() / ".cache" / "loramigrate" / "models" / "a")
+    path.write_text(MINIMAL.replace("old: a", "old: $NOT_SET_ANYWHERE/a"))
+    with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE, which is not set"):
+        load_recipe(path)
