@@ -24,8 +24,8 @@ RECIPE = REPO / "recipes" / "minilm-l3-to-l6.yaml"
 FETCH = REPO / "scripts" / "fetch_testbed.sh"
 NEEDED = ("models/minilm-l3/config.json", "models/minilm-l6/config.json", "data/multiemo/test.jsonl")
 # demo-sized budgets on top of the pair recipe (the recipe's own are for a real migration)
-BUDGET = ["finetune.steps=80", "finetune.eval_every=40", "finetune.eval_limit=100", "eval.limit=300",
-          "align.max_tokens=2048"]
+BUDGET = ["finetune.steps=80", "finetune.max_len=64", "finetune.eval_every=40", "finetune.eval_limit=100",
+          "eval.limit=300", "align.max_tokens=2048"]
 
 
 def ensure_testbed(cache: Path) -> None:
