@@ -68,6 +68,9 @@ def test_classifier_learns_and_the_adapter_alone_reproduces_it(tiny_models, sent
     assert {"query", "key", "value"} <= {t.rsplit(".", 1)[-1] for t in saved["target_modules"]}
     texts = ["water one two", "people three four"]
     assert torch.allclose(logits(tiny_models["bert"], out, texts, 0), logits(tiny_models["bert"], out, texts, 1))
+    again = run_finetune(config(tiny_models["bert"], sentiment, steps=2, init=str(out)), tmp_path / "again")
+    names = json.loads((again / "adapter_config.json").read_text())["modules_to_save"]
+    assert len(names) == len(set(names))  # a chain of finetunes does not grow the list
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tiny_models, sentiment, tmp_path):

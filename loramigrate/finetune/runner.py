@@ -119,6 +119,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
             history, hit = train(model, task.rows, cfg, batch_loss, evaluate, ckpt_dir, progress)
         except FloatingPointError as e:
             raise ArtifactError(f"training diverged ({e}); the last good checkpoint is in {ckpt_dir}") from None
+        peft_config = model.peft_config["default"]
+        if peft_config.modules_to_save:  # PEFT appends its classifier names again at every SEQ_CLS load
+            peft_config.modules_to_save = list(dict.fromkeys(peft_config.modules_to_save))
         model.save_pretrained(run.tmp_dir)
         (run.tmp_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         plot_curve(history, run.tmp_dir / "curve.png")
