@@ -23,7 +23,7 @@ from loramigrate.config import FinetuneConfig
 from loramigrate.errors import ConfigError
 from loramigrate.finetune.objective import BatchLoss
 from loramigrate.finetune.rebalance import rebalance_full, rebalance_scalar
-from loramigrate.finetune.regularise import SCHEDULES, delta_distance_sq, schedule_value
+from loramigrate.finetune.regularise import SCHEDULES, delta_distance_sq, init_norm_sq, schedule_value
 from loramigrate.progress import ProgressFn, no_progress
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -42,6 +42,11 @@ class LoraFactors:
     b0: torch.Tensor
     base: torch.Tensor
     merged: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    init_sq: torch.Tensor = field(init=False)  # ‖s·B₀·A₀‖², constant, so computed once
+
+    def __post_init__(self) -> None:
+        with torch.no_grad():
+            self.init_sq = init_norm_sq(self.b0.to(self.b.dtype), self.a0.to(self.a.dtype), self.scale)
 
 
 def lora_factors(model: nn.Module, toward: str) -> dict[str, LoraFactors]:
@@ -60,7 +65,7 @@ def lora_factors(model: nn.Module, toward: str) -> dict[str, LoraFactors]:
 
 def regulariser(factors: dict[str, LoraFactors]) -> torch.Tensor:
     """Σ ‖s·B·A − s·B₀·A₀‖² over modules, from r × r Grams."""
-    return sum(delta_distance_sq(f.b, f.a, f.scale, f.b0.to(f.b.dtype), f.a0.to(f.a.dtype), f.scale)
+    return sum(delta_distance_sq(f.b, f.a, f.scale, f.b0.to(f.b.dtype), f.a0.to(f.a.dtype), f.scale, f.init_sq)
                for f in factors.values())
 
 
@@ -170,9 +175,9 @@ def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: B
             (lam * reg).backward()
         if not math.isfinite(task + lam * float(reg.detach())):
             raise FloatingPointError(f"loss became {task + lam * float(reg.detach())} at step {step + 1}")
-        rewarm = 1.0  # after a restart the learning rate climbs again from zero (ReLoRA's re-warm-up)
+        rewarm = 1.0  # after a restart the learning rate climbs again (ReLoRA's re-warm-up), from its first step on
         if cfg.restart_every and step >= cfg.restart_every and cfg.restart_warmup:
-            rewarm = min(1.0, (step % cfg.restart_every) / cfg.restart_warmup)
+            rewarm = min(1.0, (step % cfg.restart_every + 1) / (cfg.restart_warmup + 1))
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = lr * lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.warmup) * rewarm
         opt.step()

@@ -13,12 +13,20 @@ import torch
 
 
 def delta_distance_sq(b: torch.Tensor, a: torch.Tensor, scale: float, b0: torch.Tensor, a0: torch.Tensor,
-                      scale0: float) -> torch.Tensor:
-    """‖scale·b@a − scale0·b0@a0‖²_F; b (out, r), a (r, in), b0 (out, r0), a0 (r0, in). Differentiable."""
+                      scale0: float, init_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """‖scale·b@a − scale0·b0@a0‖²_F; b (out, r), a (r, in), b0 (out, r0), a0 (r0, in). Differentiable.
+
+    ``init_sq`` = ``init_norm_sq(b0, a0, scale0)``, which a training loop computes once: it does not change.
+    """
     own = ((b.T @ b) * (a @ a.T)).sum()
     cross = ((b.T @ b0) * (a @ a0.T)).sum()
-    init = ((b0.T @ b0) * (a0 @ a0.T)).sum()
-    return scale * scale * own - 2 * scale * scale0 * cross + scale0 * scale0 * init
+    init = init_norm_sq(b0, a0, scale0) if init_sq is None else init_sq
+    return scale * scale * own - 2 * scale * scale0 * cross + init
+
+
+def init_norm_sq(b0: torch.Tensor, a0: torch.Tensor, scale0: float) -> torch.Tensor:
+    """‖scale0·b0@a0‖²_F from r × r Grams."""
+    return scale0 * scale0 * ((b0.T @ b0) * (a0 @ a0.T)).sum()
 
 
 def _constant(start: float, final: float, progress: float, switch: float) -> float:
