@@ -156,10 +156,15 @@ def test_folding_restarts_restores_the_base_and_keeps_the_best_rank_r_delta(tiny
 
 
 def test_finetune_with_restarts_learns_and_saves_rank_r(tiny_models, task, tmp_path):
-    out = run_finetune(config(tiny_models["llama"], task, restart_every=10), tmp_path / "ft")
-    evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "val_loss" in line]
+    out = run_finetune(config(tiny_models["llama"], task, restart_every=10, lr_schedule="constant", restart_warmup=3),
+                       tmp_path / "ft")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert all(m.rank == 4 for m in read_adapter(out).modules.values())
+    lr = {r["step"]: r["lr"] for r in log}  # re-warmed after the restart at step 10, never a zero step
+    peak = lr[10]
+    assert [lr[s] / peak for s in (11, 12, 13, 14)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
