@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from loramigrate.errors import ArtifactError, ConfigError
 from loramigrate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
+METRIC = {"generation": "exact_match", "classification": "accuracy"}  # the task metric of each task kind
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class EvalResult:
     score: float
     correct: list[bool]
     negative_flips: int | None = None  # examples the reference got right and this one gets wrong
+    adapter: str | None = None  # the adapter directory as given; None for the base alone
 
     def summary(self) -> dict:
         out = {"name": self.name, "n": self.n, "loss": self.loss, self.metric: self.score}
@@ -174,8 +176,9 @@ def negative_flips(reference: list[bool], candidate: list[bool]) -> int:
     return sum(r and not c for r, c in zip(reference, candidate, strict=True))
 
 
-def _metrics(model: nn.Module, tok, task: Task, batch_size: int, progress: ProgressFn, label: str
-             ) -> tuple[float, list[bool]]:
+def task_metrics(model: nn.Module, tok, task: Task, batch_size: int, progress: ProgressFn = no_progress,
+                 label: str = "eval") -> tuple[float, list[bool]]:
+    """Mean loss and per-example correctness under the task's metric (``METRIC[task.kind]``)."""
     if task.kind == "generation":
         return generation_metrics(model, tok, task.rows, batch_size, progress, label)
     return classification_metrics(model, tok, task.rows, task.labels, batch_size, progress, label)
@@ -192,12 +195,13 @@ def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: i
     ref = resolve_model(base_ref)
     tok = load_tokenizer(ref)
     num_labels = len(task.labels) if task.kind == "classification" else None
-    torch.manual_seed(0)  # modules the checkpoint lacks (the head of "base alone") are drawn alike every run
-    base = load_model(ref, load_cfg.dtype, load_cfg.device, num_labels=num_labels)
-    metric = "exact_match" if task.kind == "generation" else "accuracy"
+    with torch.random.fork_rng(devices=[]):  # modules the checkpoint lacks (the head of "base alone") drawn alike
+        torch.manual_seed(0)
+        base = load_model(ref, load_cfg.dtype, load_cfg.device, num_labels=num_labels)
+    metric = METRIC[task.kind]
     results = []
     if include_base:
-        loss, correct = _metrics(base, tok, task, batch_size, progress, f"{Path(base_ref).name} alone")
+        loss, correct = task_metrics(base, tok, task, batch_size, progress, f"{Path(base_ref).name} alone")
         results.append(EvalResult(f"{Path(base_ref).name} (no adapter)", len(correct), loss, metric,
                                   sum(correct) / len(correct), correct))
     for adapter in adapters:
@@ -206,9 +210,10 @@ def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: i
         except (RuntimeError, ValueError, KeyError) as e:
             log.warning("%s does not load on %s: %s", adapter, base_ref, str(e).splitlines()[0][:200])
             continue
-        loss, correct = _metrics(model, tok, task, batch_size, progress, Path(adapter).name)
+        loss, correct = task_metrics(model, tok, task, batch_size, progress, Path(adapter).name)
         name = f"{Path(base_ref).name} + {Path(adapter).name}"
-        results.append(EvalResult(name, len(correct), loss, metric, sum(correct) / len(correct), correct))
+        results.append(EvalResult(name, len(correct), loss, metric, sum(correct) / len(correct), correct,
+                                  adapter=adapter))
         base = unload_to_base(model)
     return results
 
@@ -228,5 +233,5 @@ def unload_to_base(model: nn.Module) -> nn.Module:
 
 
 def with_flips(results: list[EvalResult], reference: EvalResult) -> list[EvalResult]:
-    return [EvalResult(r.name, r.n, r.loss, r.metric, r.score, r.correct, negative_flips(reference.correct, r.correct))
+    return [replace(r, negative_flips=negative_flips(reference.correct, r.correct))
             for r in results]

@@ -125,20 +125,22 @@ def run_eval(recipe: Recipe, r: AdapterRun, out_dir: Path, progress: ProgressFn 
                                       include_base=False)
         new = evaluate_pairs(recipe.new, [r.source, *map(str, arms.values())], task, recipe.eval.batch_size, load,
                              progress)
-        rows = [_row("old base + old adapter", reference)]
-        by_dir = {res.name.split(" + ", 1)[1]: res for res in new[1:]}
-        rows.append(_row("new base alone", with_flips(new[:1], reference)[0]))
-        copy = by_dir.get(Path(r.source).name)
-        rows.append(_row("copy (old adapter as is)", with_flips([copy], reference)[0]) if copy
+        rows = [_row("old base + old adapter", reference), _row("new base alone", new[0], reference)]
+        by_dir = {res.adapter: res for res in new[1:]}  # an adapter that does not load has no result
+        copy = by_dir.get(r.source)
+        rows.append(_row("copy (old adapter as is)", copy, reference) if copy
                     else {"arm": "copy (old adapter as is)", "note": "does not load: shapes differ"})
         for stage, path in arms.items():
             label = {"transfer": "transfer only", "search": "searched init", "finetune": "final (finetuned)"}[stage]
-            rows.append(_row(label, with_flips([by_dir[path.name]], reference)[0]))
+            rows.append(_row(label, by_dir[str(path)], reference))
         (run.tmp_dir / RESULTS).write_text(json.dumps({"metric": reference.metric, "results": rows}, indent=2))
     return out_dir
 
 
-def _row(arm: str, res: EvalResult) -> dict:
+def _row(arm: str, res: EvalResult, reference: EvalResult | None = None) -> dict:
+    """One arm of the comparison, with its negative flips against ``reference`` when given."""
+    if reference is not None:
+        (res,) = with_flips([res], reference)
     return {"arm": arm, **res.summary(), "metric": res.metric, "score": res.score}
 
 

@@ -26,7 +26,7 @@ import platform
 from datetime import date
 
 import torch
-from benchlib import METRIC, add_common_args, baselines, curve, first_reaching, manifest, plot_curves, sh, step_seconds
+from benchlib import add_common_args, baselines, curve, first_reaching, manifest, plot_curves, sh, step_seconds
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     w = args.work
     common = baselines(args)
     train, val, test = (args.data / f"{s}.jsonl" for s in ("train", "val", "test"))
-    from loramigrate.evaluate import read_task
+    from loramigrate.evaluate import METRIC, read_task
 
     metric = METRIC[read_task(val, 1).kind]
     variants = {"migrated": [], "migrated+reg": ["--reg-lambda", "1.0", "--reg-final", "0.01"],
@@ -91,7 +91,7 @@ def main() -> None:
         r = tests[arm]
         print(f"| {arm} | {len((w / arm / 'log.jsonl').read_text().splitlines())} | "
               f"{pts[-1][1]:.3f} | {max(v for _, v in pts):.3f} | {r[metric]:.3f} | {r['loss']:.3f} | "
-              f"{r.get('negative_flips', '–')} | {reach if reach is None else round(reach, 1)} | {ratio} | {step_ratio} | "
+              f"{r.get('negative_flips', '–')} | {'–' if reach is None else round(reach, 1)} | {ratio} | {step_ratio} | "
               f"{sps:.2f} | {sps / plain_step:.2f}× | "
               f"{manifest(w / arm)['peak_rss_mb']:.0f} |")
     plot_curves(plots, ready_value, metric, w / "bench_finetune.png", "wall seconds (migrated arms include transfer)")

@@ -26,7 +26,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import METRIC, add_common_args, baselines, curve, first_reaching, manifest, plot_curves, sh
+from benchlib import add_common_args, baselines, curve, first_reaching, manifest, plot_curves, sh
 
 FLEET = 10
 
@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     w = args.work
     baselines(args)
-    from loramigrate.evaluate import read_task
+    from loramigrate.evaluate import METRIC, read_task
 
     train, val, test = (args.data / f"{s}.jsonl" for s in ("train", "val", "test"))
     metric = METRIC[read_task(val, 1).kind]

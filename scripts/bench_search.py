@@ -22,9 +22,9 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import METRIC, curve, first_reaching, manifest, sh
+from benchlib import curve, first_reaching, manifest, sh
 
-from loramigrate.evaluate import read_task
+from loramigrate.evaluate import METRIC, read_task
 
 
 def main() -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 from pathlib import Path
-
-METRIC = {"generation": "exact_match", "classification": "accuracy"}
 
 
 def sh(*args) -> None:
@@ -29,8 +28,7 @@ def curve(out: Path, metric: str, x: str = "s") -> list[tuple[float, float]]:
 def step_seconds(out: Path) -> float:
     """Median seconds of a training step, evaluations excluded."""
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    gaps = sorted(b["s"] - a["s"] for a, b in zip(rows, rows[1:], strict=False) if "val_loss" not in a)
-    return gaps[len(gaps) // 2]
+    return statistics.median(b["s"] - a["s"] for a, b in zip(rows, rows[1:], strict=False) if "val_loss" not in a)
 
 
 def first_reaching(points: list[tuple[float, float]], value: float) -> float | None:

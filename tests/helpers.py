@@ -5,6 +5,9 @@ Everything is built in the test session (no network, well under a second per mod
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,3 +192,12 @@ def make_lora(model_dir: Path, out: Path, targets: list[str], r: int = 4, alpha:
                 p.copy_(torch.randn_like(p) * 0.1)
     peft_model.save_pretrained(out)
     return out
+
+
+def run_script(script: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``scripts/<script>`` with bash, with this interpreter's ``loramigrate`` first on PATH (pytest may
+    run from a venv that is not activated)."""
+    path = Path(__file__).parent.parent / "scripts" / script
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(["bash", str(path), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env)

@@ -3,7 +3,6 @@ kill in any stage to the same final adapter."""
 
 import json
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from typer.testing import CliRunner
 
 from loramigrate.adapters import read_adapter
 from loramigrate.cli.main import app
-from tests.helpers import WORDS, make_lora, make_tiny
+from tests.helpers import WORDS, make_lora, make_tiny, run_script
 
 runner = CliRunner()
 RECIPE = Path(__file__).parent.parent / "recipes" / "debug-tiny.yaml"
@@ -117,9 +116,7 @@ def test_a_run_killed_in_any_stage_resumes_to_the_same_final_adapter(debug, whol
 def test_a_fleet_of_three_adapters_shares_one_alignment(tmp_path, monkeypatch):
     root = build_debug(tmp_path / "debug", adapters=("a", "b", "c"))
     monkeypatch.setenv("LORAMIGRATE_DEBUG_MODELS", str(root))
-    script = Path(__file__).parent.parent / "scripts" / "migrate_many.sh"
-    proc = subprocess.run(["bash", str(script), str(RECIPE), str(root / "adapters"), str(tmp_path / "fleet"), "2"],
-                          capture_output=True, text=True, timeout=600)
+    proc = run_script("migrate_many.sh", RECIPE, root / "adapters", tmp_path / "fleet", 2)
     assert proc.returncode == 0, proc.stderr[-2000:]
     align = json.loads((tmp_path / "fleet" / "align" / "manifest.json").read_text())
     assert align["stage"] == "align"
@@ -130,3 +127,22 @@ def test_a_fleet_of_three_adapters_shares_one_alignment(tmp_path, monkeypatch):
     ran_align = [json.loads((tmp_path / "fleet" / n / "summary.json").read_text())["adapters"][n]["stages"][0]["ran"]
                  for n in ("a", "b", "c")]
     assert sum(ran_align) == 1
+
+
+def test_an_adapter_named_like_a_stage_keeps_its_own_copy_row(tmp_path, monkeypatch):
+    """Arms are matched to results by directory path, not by folder name (here both are 'finetune')."""
+    from loramigrate.config import ModelLoadConfig
+    from loramigrate.evaluate import evaluate_pairs, read_task
+
+    root = build_debug(tmp_path / "debug", adapters=("finetune",))
+    monkeypatch.setenv("LORAMIGRATE_DEBUG_MODELS", str(root))
+    source = root / "adapters" / "finetune"
+    result = run(tmp_path / "run", "--adapter", source, "--set", "search=null")
+    assert result.exit_code == 0, result.output
+    rows = {r["arm"]: r for r in json.loads((tmp_path / "run" / "finetune" / "eval" / "results.json").read_text())
+            ["results"]}
+    copy = evaluate_pairs(str(root / "new"), [str(source)], read_task(root / "test.jsonl"), 16, ModelLoadConfig(),
+                          include_base=False)
+    assert copy == []  # the old adapter does not fit the wider new MLP as it is
+    assert rows["copy (old adapter as is)"] == {"arm": "copy (old adapter as is)", "note": "does not load: shapes differ"}
+    assert "score" in rows["final (finetuned)"]

@@ -2,10 +2,6 @@
 shared by workers, and bad input is refused."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import optuna
 import pytest
@@ -19,7 +15,7 @@ from loramigrate.config import SearchConfig
 from loramigrate.errors import ConfigError
 from loramigrate.search import run_search
 from loramigrate.search import runner as search_runner
-from tests.helpers import WORDS, build, make_lora, make_tokenizer, save, tiny_config
+from tests.helpers import WORDS, build, make_lora, make_tokenizer, run_script, save, tiny_config
 
 runner = CliRunner()
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -152,12 +148,9 @@ def test_multi_fidelity_trials_score_a_short_finetune_and_stop_poor_ones_early(p
 
 def test_two_workers_share_one_study_without_duplicates(pair, tmp_path):
     """scripts/search_workers.sh: two processes on one journal file complete N trials in total."""
-    script = Path(__file__).parent.parent / "scripts" / "search_workers.sh"
     root = tmp_path / "shared"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", str(script), str(pair["align"]), str(pair["transfer"]), str(pair["data"]), str(root),
-                           "2", "8", "--", "--limit", str(pair["rows"]), "--batch-size", "256", "--evolution-rank", "4",
-                           "--sampler", "tpe"], capture_output=True, text=True, timeout=600, env=env)
+    proc = run_script("search_workers.sh", pair["align"], pair["transfer"], pair["data"], root, 2, 8, "--",
+                      "--limit", pair["rows"], "--batch-size", 256, "--evolution-rank", 4, "--sampler", "tpe")
     assert proc.returncode == 0, proc.stderr[-2000:]
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(root / "study.log")))
     trials = optuna.load_study(study_name="search", storage=storage).trials

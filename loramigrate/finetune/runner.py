@@ -15,7 +15,7 @@ from loramigrate.arch import model_spec
 from loramigrate.artifacts import config_hash, hash_inputs, is_up_to_date, prepare_output, stage_output
 from loramigrate.config import FinetuneConfig
 from loramigrate.errors import ArtifactError, ConfigError
-from loramigrate.evaluate import Task, classification_metrics, generation_metrics, read_task
+from loramigrate.evaluate import METRIC, Task, read_task, task_metrics
 from loramigrate.finetune.loop import parse_target, train
 from loramigrate.finetune.objective import OBJECTIVES
 from loramigrate.models import load_model, load_tokenizer, new_modules, resolve_model
@@ -106,12 +106,11 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
+    val_task = Task(task.kind, val_rows, task.labels)
+
     def evaluate(m) -> dict[str, float]:
-        if classification:
-            loss, correct = classification_metrics(m, tok, val_rows, task.labels, cfg.batch_size)
-            return {"loss": loss, "accuracy": sum(correct) / len(correct)}
-        loss, correct = generation_metrics(m, tok, val_rows, cfg.batch_size)
-        return {"loss": loss, "exact_match": sum(correct) / len(correct)}
+        loss, correct = task_metrics(m, tok, val_task, cfg.batch_size)
+        return {"loss": loss, METRIC[task.kind]: sum(correct) / len(correct)}
 
     batch_loss = OBJECTIVES[task.kind](tok, task, cfg.max_len)
     with stage_output(out_dir, STAGE, config, inputs) as run:
