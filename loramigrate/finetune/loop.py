@@ -46,27 +46,30 @@ class LoraFactors:
 
     def __post_init__(self) -> None:
         with torch.no_grad():
-            self.init_sq = init_norm_sq(self.b0.to(self.b.dtype), self.a0.to(self.a.dtype), self.scale)
+            self.init_sq = init_norm_sq(self.b0, self.a0, self.scale)
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The PEFT LoRA layers of ``model`` (its ``default`` adapter), by module name."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
 
 
 def lora_factors(model: nn.Module, toward: str) -> dict[str, LoraFactors]:
-    """The PEFT LoRA layers of ``model``; ``toward`` init keeps copies of the start, zero none."""
+    """The LoRA factors of ``model``; ``toward`` init keeps copies of the start, zero none."""
     out = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "default" in module.lora_A:
-            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            keep = toward == "init"
-            out[name] = LoraFactors(a=a, b=b, scale=float(module.scaling["default"]),
-                                    a0=a.detach().clone() if keep else torch.zeros_like(a[:1]),
-                                    b0=b.detach().clone() if keep else torch.zeros_like(b[:, :1]),
-                                    base=module.base_layer.weight)
+    keep = toward == "init"
+    for name, module in lora_layers(model).items():
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        out[name] = LoraFactors(a=a, b=b, scale=float(module.scaling["default"]),
+                                a0=a.detach().clone() if keep else torch.zeros_like(a[:1]),
+                                b0=b.detach().clone() if keep else torch.zeros_like(b[:, :1]),
+                                base=module.base_layer.weight)
     return out
 
 
 def regulariser(factors: dict[str, LoraFactors]) -> torch.Tensor:
     """Σ ‖s·B·A − s·B₀·A₀‖² over modules, from r × r Grams."""
-    return sum(delta_distance_sq(f.b, f.a, f.scale, f.b0.to(f.b.dtype), f.a0.to(f.a.dtype), f.scale, f.init_sq)
-               for f in factors.values())
+    return sum(delta_distance_sq(f.b, f.a, f.scale, f.b0, f.a0, f.scale, f.init_sq) for f in factors.values())
 
 
 LR_FLOOR = 0.1  # decaying schedules end at this fraction of the peak learning rate

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramigrate.transfer.core import refactor
+from loramigrate.transfer.core import Delta, refactor
 
 KINDS = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "qkv": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
 DEPTHS = ("early", "middle", "late")
@@ -40,8 +40,7 @@ def fresh_direction(out_dim: int, in_dim: int, rank: int, norm: float, seed: int
     """Random factors whose product has Frobenius norm ``norm``."""
     g = torch.Generator().manual_seed(seed)
     b, a = torch.randn(out_dim, rank, generator=g), torch.randn(rank, in_dim, generator=g)
-    size = float(torch.trace(b.T @ b @ (a @ a.T)).clamp_min(1e-30).sqrt())  # ‖BA‖_F² = tr(BᵀB·AAᵀ)
-    return b * (norm / size), a
+    return b * (norm / max(Delta(b, a, 1.0).norm(), 1e-30)), a
 
 
 def blend(parts: Ingredients, alpha: float, beta: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:

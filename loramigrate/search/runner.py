@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import shutil
+import statistics
 import time
 import warnings
 import zlib
@@ -23,13 +25,13 @@ from loramigrate.artifacts import check_stage, hash_input, hash_inputs, is_up_to
 from loramigrate.config import SearchConfig
 from loramigrate.errors import ArtifactError, ConfigError
 from loramigrate.evaluate import Task, read_task
-from loramigrate.finetune.loop import batch_rows
+from loramigrate.finetune.loop import batch_rows, lora_layers
 from loramigrate.finetune.objective import OBJECTIVES
 from loramigrate.models import load_model, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 from loramigrate.search.blend import Ingredients, blend, fresh_direction, module_group
 from loramigrate.search.evolution import base_evolution
-from loramigrate.transfer.core import locate
+from loramigrate.transfer.core import Delta, locate
 
 log = logging.getLogger(__name__)
 STAGE = "search"
@@ -135,9 +137,8 @@ def _pruning(trial) -> Callable[[float, int], None]:
 
 
 def _lora_layers(model) -> dict[str, torch.nn.Module]:
-    prefix = "base_model.model."
-    return {name.removeprefix(prefix): m for name, m in model.named_modules()
-            if hasattr(m, "lora_A") and "default" in m.lora_A}
+    """LoRA layers by their module name in the base model (the adapter's names)."""
+    return {name.removeprefix("base_model.model."): m for name, m in lora_layers(model).items()}
 
 
 def _ingredients(layers, alignment, align_dir: Path, cfg: SearchConfig, progress: ProgressFn) -> dict[str, Ingredients]:
@@ -153,8 +154,8 @@ def _ingredients(layers, alignment, align_dir: Path, cfg: SearchConfig, progress
         j, role = where[name]
         b = (layer.lora_B["default"].weight.detach().float().cpu() * float(layer.scaling["default"]))
         a = layer.lora_A["default"].weight.detach().float().cpu().clone()  # trials overwrite the live weight
-        norm = float(torch.trace(b.T @ b @ (a @ a.T)).clamp_min(0).sqrt())
-        fresh = fresh_direction(b.shape[0], a.shape[1], a.shape[0], norm, seed=cfg.seed + zlib.crc32(name.encode()))
+        fresh = fresh_direction(b.shape[0], a.shape[1], a.shape[0], Delta(b, a, 1.0).norm(),
+                                seed=cfg.seed + zlib.crc32(name.encode()))
         out[name] = Ingredients(group=module_group(j, alignment.new.n_layers, role), rank=a.shape[0], transfer=(b, a),
                                 evolution=evolution.get((j, role)), fresh=fresh)
     return out
@@ -268,7 +269,7 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
             loss = val_loss()
         trial.set_user_attr("blend_s", t1 - t0)
         trial.set_user_attr("pass_s", time.perf_counter() - t1)
-        if not torch.isfinite(torch.tensor(loss)):
+        if not math.isfinite(loss):
             raise optuna.TrialPruned(f"non-finite loss {loss}")
         return loss
 
@@ -311,11 +312,8 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
 def trial_costs(trials, pass_s: float) -> dict[str, float]:
     """Median seconds of a whole trial (sampler included) and of blend + scoring, and both over one
     plain validation pass."""
-    def median(values: list[float]) -> float:
-        values = sorted(values)
-        return values[len(values) // 2]
-    whole = median([t.duration.total_seconds() for t in trials])
-    swap = median([t.user_attrs.get("blend_s", 0.0) + t.user_attrs.get("pass_s", 0.0) for t in trials])
+    whole = statistics.median(t.duration.total_seconds() for t in trials)
+    swap = statistics.median(t.user_attrs.get("blend_s", 0.0) + t.user_attrs.get("pass_s", 0.0) for t in trials)
     return {"median_trial_s": round(whole, 4), "median_blend_and_pass_s": round(swap, 4),
             "trial_cost_ratio": round(whole / pass_s, 3), "blend_and_pass_ratio": round(swap / pass_s, 3)}
 

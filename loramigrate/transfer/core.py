@@ -151,16 +151,20 @@ def pseudo_inverse(t: torch.Tensor) -> torch.Tensor:
     return (torch.linalg.solve(gram, t.T) if tall else torch.linalg.solve(gram, t).T).float()
 
 
-def hidden_input_map(alignment: Alignment, t_pinv: torch.Tensor, old_layer: int, new_layer: int, slot: int
-                     ) -> torch.Tensor:
-    """(d_old, d_new) map with x_old ≈ map @ x_new for a projection input behind pre-norm ``slot``.
+def normed_input_map(g_old: torch.Tensor, g_new: torch.Tensor, t_pinv: torch.Tensor) -> torch.Tensor:
+    """(d_old, d_new) map with x_old ≈ map @ x_new for an input read behind norms with scales g_old / g_new.
 
     x_old = g_old ⊙ n_old, n_old ≈ T⁺ n_new, n_new = x_new / g_new, so map = diag(g_old) T⁺ diag(1/g_new).
     """
-    g_old = alignment.old_profile.norms[old_layer, slot]
-    g_new = alignment.new_profile.norms[new_layer, slot]
     safe = torch.where(g_new.abs() < 1e-6, torch.full_like(g_new, 1e-6), g_new)
     return g_old[:, None] * t_pinv / safe[None, :]
+
+
+def hidden_input_map(alignment: Alignment, t_pinv: torch.Tensor, old_layer: int, new_layer: int, slot: int
+                     ) -> torch.Tensor:
+    """``normed_input_map`` for a projection input behind the pre-norm ``slot`` of a layer pair."""
+    return normed_input_map(alignment.old_profile.norms[old_layer, slot], alignment.new_profile.norms[new_layer, slot],
+                            t_pinv)
 
 
 def map_factors(alignment: Alignment, new_layer: int, role: str, b: torch.Tensor, a: torch.Tensor,

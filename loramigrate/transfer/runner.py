@@ -16,7 +16,7 @@ from loramigrate.artifacts import check_stage, hash_inputs, is_up_to_date, prepa
 from loramigrate.config import TransferConfig
 from loramigrate.errors import ArtifactError, IncompatibleModelsError
 from loramigrate.models import load_model, resolve_model
-from loramigrate.transfer.core import TransferOptions, locate, pseudo_inverse, transfer_adapter
+from loramigrate.transfer.core import TransferOptions, locate, normed_input_map, pseudo_inverse, transfer_adapter
 
 log = logging.getLogger(__name__)
 STAGE = "transfer"
@@ -63,8 +63,7 @@ def _map_extra(adapter: LoraAdapter, alignment: Alignment) -> dict[str, torch.Te
         IncompatibleModelsError: a vocabulary-sized tensor across different vocabularies.
     """
     pinv = pseudo_inverse(alignment.transfer)
-    g_old, g_new = alignment.old_profile.final_scale(), alignment.new_profile.final_scale()
-    head_in = g_old[:, None] * pinv / torch.where(g_new.abs() > 1e-6, g_new, torch.ones_like(g_new))[None, :]
+    head_in = normed_input_map(alignment.old_profile.final_scale(), alignment.new_profile.final_scale(), pinv)
     d_old, vocab = alignment.old.hidden, alignment.old.vocab_size
     shared = alignment.info.get("shared_tokens", {})
     same_vocab = vocab == alignment.new.vocab_size and shared.get("coverage_old") == shared.get("coverage_new") == 1.0
