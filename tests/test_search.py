@@ -114,6 +114,20 @@ def test_an_interrupted_study_resumes_to_n_trials(pair, tmp_path, monkeypatch):
     assert json.loads((out / "manifest.json").read_text())["search"]["trials"] == 6
 
 
+def test_more_trials_continue_the_private_study_and_other_options_restart_it(pair, tmp_path):
+    def trials(out):
+        return optuna.load_study(study_name="loramigrate-search", storage=f"sqlite:///{out / 'study.db'}").trials
+
+    out = run_search(config(pair, space="global", n_trials=3), tmp_path / "s")
+    first = [t.params for t in trials(out)]
+    run_search(config(pair, space="global", n_trials=5), out)
+    assert [t.params for t in trials(out)][:3] == first and len(trials(out)) == 5
+    run_search(config(pair, space="global", n_trials=3, alpha_max=0.8), out)  # a redone stage: a new study
+    again = trials(out)
+    assert len(again) == 3 and again[0].params == {"alpha": 1.0, "beta": 0.0}
+    assert all(t.params["alpha"] <= 0.8 for t in again[1:])
+
+
 def test_multi_fidelity_trials_score_a_short_finetune_and_stop_poor_ones_early(pair, tmp_path):
     from loramigrate.evaluate import read_task
     from loramigrate.finetune.loop import batch_rows

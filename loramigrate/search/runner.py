@@ -171,9 +171,17 @@ def _apply(layers, parts: dict[str, Ingredients], params: dict[str, float]) -> N
             w_a.copy_(a.to(w_a.dtype))
 
 
+# options that do not change what a trial's value means: a study continues across them
+NOT_IN_STUDY = {"n_trials", "timeout", "storage", "study", "load"}
+
+
 def _open_study(cfg: SearchConfig, storage, space: dict[str, tuple[float, float]], own_storage: bool, seed: int):
     """Create the study (and enqueue transfer-as-is as its first trial) or load it; only the process that
-    creates it enqueues, so workers sharing a storage never duplicate that trial."""
+    creates it enqueues, so workers sharing a storage never duplicate that trial.
+
+    A study records its space and scoring options. The private study of an output directory starts afresh
+    when they changed (the stage is being redone); a shared storage refuses to mix them.
+    """
     import optuna
 
     # GP learns from completed trials only; TPE also from where pruned ones stopped (multi-fidelity)
@@ -182,21 +190,28 @@ def _open_study(cfg: SearchConfig, storage, space: dict[str, tuple[float, float]
     # multi-fidelity trials report after every step; from the second on, the median rule stops laggards
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if cfg.fidelity_steps
               else optuna.pruners.NopPruner())
-    objective = {"fidelity_steps": cfg.fidelity_steps, "fidelity_lr": cfg.fidelity_lr} if cfg.fidelity_steps else {}
-    signature = json.dumps({"space": space, **objective}, sort_keys=True)
-    try:
+    signature = json.dumps({"space": space, "options": cfg.model_dump(exclude=NOT_IN_STUDY)}, sort_keys=True)
+
+    def create():
         study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler, pruner=pruner,
                                     direction="minimize")
         study.set_user_attr(SPACE_ATTR, signature)
         study.enqueue_trial(as_is(space))
+        return study
+    try:
+        return create()
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=cfg.study, storage=storage, sampler=sampler, pruner=pruner)
-        if study.user_attrs.get(SPACE_ATTR) != signature:
-            raise ConfigError(f"study {cfg.study!r} exists in this storage with a different search space or objective; "
-                              "choose another --study") from None
-        if own_storage:  # a single-process study: trials left running by an interruption will never finish
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    if study.user_attrs.get(SPACE_ATTR) != signature:
+        if not own_storage:
+            raise ConfigError(f"study {cfg.study!r} exists in this storage with a different search space or "
+                              "options; choose another --study")
+        log.info("the search options changed: study %r starts afresh", cfg.study)
+        optuna.delete_study(study_name=cfg.study, storage=storage)
+        return create()
+    if own_storage:  # a single-process study: trials left running by an interruption will never finish
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     return study
 
 
