@@ -57,6 +57,15 @@ class TransferConfig(_Config):
     keep_norm_ratio: bool = True  # rescale so ‖ΔW‖/‖W‖ matches the old module's
     fill: Literal["none", "nearest", "interpolate"] = "none"  # new layers that have no source layer
     verify: bool = True  # reload the output with stock PEFT on the new base and check every module
+    # data-aware transfer: refit the mapped adapter on the task's inputs so each new block reproduces the
+    # old adapter's effect on the residual stream (loads both bases; forward passes + a small fit per block)
+    prompts: str | None = None  # JSONL with 'prompt' (+ 'completion') or 'text' fields; None: weight-space only
+    prompt_limit: int = Field(256, ge=1)  # first N rows of `prompts`
+    max_len: int = Field(128, ge=4)
+    batch_size: int = Field(16, ge=1)
+    fit_steps: int = Field(30, ge=0)  # Adam steps per block (full passes over the prompts)
+    fit_lr: float = Field(1e-3, gt=0)
+    fit_heads: bool = True  # ridge-refit saved linear heads (pooler, classifier) to the old pair's outputs
     load: ModelLoadConfig = ModelLoadConfig()
 
 

@@ -14,9 +14,11 @@ from loramigrate.alignment import Alignment, load_alignment
 from loramigrate.arch import ModelSpec
 from loramigrate.artifacts import check_stage, hash_inputs, is_up_to_date, prepare_output, stage_output
 from loramigrate.config import TransferConfig
-from loramigrate.errors import ArtifactError, IncompatibleModelsError
-from loramigrate.models import load_model, resolve_model
+from loramigrate.errors import ArtifactError, ConfigError, IncompatibleModelsError
+from loramigrate.models import load_model, load_tokenizer, resolve_model
+from loramigrate.progress import ProgressFn, no_progress
 from loramigrate.transfer.core import TransferOptions, locate, normed_input_map, pseudo_inverse, transfer_adapter
+from loramigrate.transfer.data_aware import FitOptions, data_aware_transfer
 
 log = logging.getLogger(__name__)
 STAGE = "transfer"
@@ -136,8 +138,92 @@ def verify_with_peft(out_dir: Path, new_base: str, load_cfg, adapter: LoraAdapte
             raise ArtifactError(f"{name}: the transferred delta is zero")
 
 
-def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False) -> Path:
-    """Transfer ``cfg.adapter`` through the alignment in ``cfg.align`` into ``out_dir``."""
+def read_prompts(path: str | Path, limit: int) -> list[str]:
+    """The model inputs of a task file: ``prompt`` (+ ``completion`` when given, the teacher-forced
+    answer the old pair also sees) or ``text``; labels are not needed.
+
+    Raises:
+        ArtifactError: unreadable or empty file, or a row with neither field.
+    """
+    path = Path(path)
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"cannot read prompts file {path}: {e.__class__.__name__}") from None
+    texts = []
+    for n, line in enumerate(lines[:limit], 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ArtifactError(f"{path}:{n}: not valid JSON") from None
+        text = row.get("text") if isinstance(row, dict) else None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            text = row["prompt"] + str(row.get("completion") or "")
+        if not isinstance(text, str) or not text:
+            raise ArtifactError(f"{path}:{n}: expected a 'prompt' or 'text' string")
+        texts.append(text)
+    if not texts:
+        raise ArtifactError(f"prompts file {path} holds no examples")
+    return texts
+
+
+def _tokenized_batches(cfg: TransferConfig, old_ref, new_ref, rank: int) -> list[dict]:
+    """The prompts in batches, as both bases tokenise them (identically, or an error).
+
+    Raises:
+        IncompatibleModelsError: the tokenizers cut the prompts differently.
+        ConfigError: fewer prompt tokens than the fit needs.
+    """
+    texts = read_prompts(cfg.prompts, cfg.prompt_limit)
+    tok_old, tok_new = load_tokenizer(old_ref), load_tokenizer(new_ref)
+    kw = {"truncation": True, "max_length": cfg.max_len}
+    if tok_old(texts, **kw)["input_ids"] != tok_new(texts, **kw)["input_ids"]:
+        raise IncompatibleModelsError("data-aware transfer needs both bases to tokenise the prompts identically; "
+                                      "these tokenizers differ (use the weight-space transfer: drop --prompts)")
+    batches = [dict(tok_new(texts[i:i + cfg.batch_size], padding=True, return_tensors="pt", **kw))
+               for i in range(0, len(texts), cfg.batch_size)]
+    tokens, needed = sum(int(b["attention_mask"].sum()) for b in batches), 4 * rank
+    if tokens < needed:
+        raise ConfigError(f"{cfg.prompts}: {tokens} prompt tokens, the rank-{rank} fit needs at least {needed}")
+    return batches
+
+
+def _fit_with_data(cfg: TransferConfig, alignment: Alignment, adapter: LoraAdapter, result: LoraAdapter,
+                   written: Path, progress: ProgressFn) -> tuple[LoraAdapter, dict]:
+    """Refit the weight-space transfer in ``written`` on the task's prompts (see ``data_aware``)."""
+    from peft import PeftModel
+
+    old_ref = resolve_model(alignment.info.get("options", {}).get("old", ""))
+    new_ref = resolve_model(result.config["base_model_name_or_path"])
+    batches = _tokenized_batches(cfg, old_ref, new_ref, max(m.rank for m in result.modules.values()))
+    labels = _num_labels(adapter)
+    old_model = PeftModel.from_pretrained(load_model(old_ref, cfg.load.dtype, cfg.load.device, num_labels=labels),
+                                          str(cfg.adapter)).eval()
+    new_model = PeftModel.from_pretrained(load_model(new_ref, cfg.load.dtype, cfg.load.device, num_labels=labels),
+                                          str(written), is_trainable=True).eval()
+    dev = next(new_model.parameters()).device
+    batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
+    heads = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in result.extra))
+    opts = FitOptions(steps=cfg.fit_steps, lr=cfg.fit_lr, fit_heads=cfg.fit_heads)
+    report = data_aware_transfer(old_model, new_model, batches, alignment.layer_map, heads, opts,
+                                 max_head_out=alignment.new.vocab_size - 1, progress=progress)
+    inner = new_model.get_base_model()
+    modules = {}
+    for name, m in result.modules.items():
+        layer = inner.get_submodule(name)
+        modules[name] = LoraModule(a=layer.lora_A["default"].weight.detach().float().cpu(),
+                                   b=layer.lora_B["default"].weight.detach().float().cpu(), alpha=m.alpha)
+    extra = {}
+    for key in result.extra:
+        module, _, param = key.rpartition(".")
+        copies = inner.get_submodule(module).modules_to_save
+        extra[key] = getattr(copies["default"], param).detach().float().cpu()
+    return LoraAdapter(config=result.config, modules=modules, extra=extra), report
+
+
+def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progress: ProgressFn = no_progress) -> Path:
+    """Transfer ``cfg.adapter`` through the alignment in ``cfg.align`` into ``out_dir``; with
+    ``cfg.prompts``, then refit it on them (data-aware transfer)."""
     out_dir = Path(out_dir)
     align_dir, adapter_dir = Path(cfg.align), Path(cfg.adapter)
     check_stage(align_dir, "align")
@@ -145,7 +231,11 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False) -> Pat
     adapter = read_adapter(adapter_dir)
     check_adapter(adapter, alignment, adapter_dir)
     prepare_output(out_dir)
-    inputs = hash_inputs({"align": str(align_dir), "adapter": str(adapter_dir)})
+    names = {"align": str(align_dir), "adapter": str(adapter_dir)}
+    if cfg.prompts:
+        read_prompts(cfg.prompts, 1)  # fail on a bad prompts file before any heavy work
+        names.update(prompts=cfg.prompts, old=resolve_model(alignment.info.get("options", {}).get("old", "")).path)
+    inputs = hash_inputs(names)
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping transfer (use --force to redo)", out_dir)
@@ -161,11 +251,16 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False) -> Pat
         result = LoraAdapter(config=_peft_config(adapter, alignment, modules), modules=modules,
                              extra=_map_extra(adapter, alignment))
         write_adapter(result, run.tmp_dir)
+        fit_report = None
+        if cfg.prompts:
+            result, fit_report = _fit_with_data(cfg, alignment, adapter, result, run.tmp_dir, progress)
+            write_adapter(result, run.tmp_dir)
         # old modules whose layer has no place in the new model (fewer layers) are dropped, visibly
         dropped = sorted(set(adapter.modules) - {r["source"] for r in report})
         if dropped:
             log.warning("%d old modules have no target layer and are dropped (see %s)", len(dropped), REPORT)
-        (run.tmp_dir / REPORT).write_text(json.dumps({"modules": report, "dropped_sources": dropped}, indent=2))
+        (run.tmp_dir / REPORT).write_text(json.dumps({"modules": report, "dropped_sources": dropped,
+                                                      **({"data_aware": fit_report} if fit_report else {})}, indent=2))
         if cfg.verify:
             verify_with_peft(run.tmp_dir, result.config["base_model_name_or_path"], cfg.load, result)
         run.extra["summary"] = {"modules": len(modules), "filled": sum(r["fill"] != "mapped" for r in report),

@@ -1,0 +1,311 @@
+"""Data-aware transfer: refit the migrated adapter so that each new block reproduces the old adapter's effect.
+
+Weight-space maps between separately trained bases keep little of an adapter's effect, while their
+residual streams map well onto each other. So, on the task's own inputs, the adapter of new layer j
+(source layer l) is fitted so that the block's output moves by the old adapter's effect, mapped into
+the new stream:
+
+    target_j(x) = h_j^new(x) + T_j (h_l^{old+A}(x) − h_l^old(x)),
+
+with T_j the least-squares map from old layer l's outputs to new layer j's outputs on the same tokens.
+New layers without a source layer carry the effect that reaches them unchanged. Layers are fitted in
+order with the already migrated ones active, so errors do not compound (sequential reconstruction, as
+GPTQ does). Whole-model passes are forward only; a block's fit back-propagates through that block alone.
+Saved heads (``modules_to_save`` linears such as a pooler or classifier) are then refitted by ridge
+least squares, in forward order, from the migrated model's inputs to the old pair's outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+from loramigrate.arch import model_spec
+from loramigrate.errors import ArtifactError
+from loramigrate.progress import ProgressFn, no_progress
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]  # tokenizer output: input_ids, attention_mask, …
+Call = tuple[tuple, dict]  # the (args, kwargs) a block was called with
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    steps: int = 30  # Adam steps per block (each a full pass over the cached prompts)
+    lr: float = 1e-3
+    ridge: float = 1e-3  # relative to the mean input energy, for T_j and the saved heads
+    fit_heads: bool = True
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_hidden(call: Call, hidden: torch.Tensor) -> Call:
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _run_block(block: nn.Module, call: Call, hidden: torch.Tensor) -> torch.Tensor:
+    args, kwargs = _replace_hidden(call, hidden)
+    return _hidden(block(*args, **kwargs))
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a (PEFT-wrapped) model, found from the architecture."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_submodule(model_spec(inner).layers_path)
+
+
+@torch.no_grad()
+def block_io(model: nn.Module, batch: Batch) -> tuple[list[Call], list[torch.Tensor]]:
+    """Every block's call (args, kwargs) and output on one batch, from one forward pass."""
+    blocks = blocks_of(model)
+    calls: list[Call | None] = [None] * len(blocks)
+    outs: list[torch.Tensor | None] = [None] * len(blocks)
+
+    def pre(i, _module, args, kwargs):
+        # a KV cache would grow with every replay of the block (and chain the fit's graphs)
+        kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, Cache)}
+        calls[i] = (args, {**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs)
+
+    def post(i, _module, _args, _kwargs, out):
+        outs[i] = _hidden(out).detach()
+
+    handles = [h for i, b in enumerate(blocks) for h in (
+        b.register_forward_pre_hook(lambda m, a, k, i=i: pre(i, m, a, k), with_kwargs=True),
+        b.register_forward_hook(lambda m, a, k, o, i=i: post(i, m, a, k, o), with_kwargs=True))]
+    try:
+        model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, o in enumerate(outs):
+        if o is None or not torch.isfinite(o).all():
+            raise ArtifactError(f"non-finite (NaN/inf) activations in block {i}; the model or adapter is broken")
+    return calls, outs
+
+
+def _tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) → (n, d): the positions the attention mask keeps."""
+    return x[mask.bool()]
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float, bias: bool = False) -> torch.Tensor:
+    """W (d_y, d_x [+1]) minimising ‖x Wᵀ − y‖² + λ‖W‖², λ = ridge × mean diagonal of xᵀx (float64)."""
+    x = x.double()
+    if bias:
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    gram = x.T @ x
+    lam = ridge * float(gram.diagonal().mean()) + 1e-12
+    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=x.dtype), x.T @ y.double()).T.float()
+
+
+def old_effects(old_model: nn.Module, batches: list[Batch], layers: set[int]) -> tuple[dict, dict]:
+    """Per batch and old layer in ``layers``: the adapter's effect h^{old+A} − h^old and the plain h^old."""
+    effects: dict[int, list[torch.Tensor]] = {lay: [] for lay in layers}
+    plain: dict[int, list[torch.Tensor]] = {lay: [] for lay in layers}
+    for batch in batches:
+        _, with_adapter = block_io(old_model, batch)
+        with old_model.disable_adapter():
+            _, without = block_io(old_model, batch)
+        for lay in layers:
+            effects[lay].append(with_adapter[lay] - without[lay])
+            plain[lay].append(without[lay])
+    return effects, plain
+
+
+def _lora_params(block: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in block.named_parameters() if "lora_" in n]
+
+
+def _masked_sq(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (diff.pow(2).sum(-1) * mask).sum()
+
+
+def fit_block(block: nn.Module, calls: list[Call], inputs: list[torch.Tensor], targets: list[torch.Tensor],
+              base_out: list[torch.Tensor], masks: list[torch.Tensor], opts: FitOptions) -> tuple[float, float]:
+    """Adam on the block's LoRA factors toward ``targets``, keeping the best factors seen (never worse
+    than the start); returns the effect R² before and after.
+
+    R² = 1 − ‖out − target‖² / ‖target − base_out‖² over the kept positions: 1 means the block moves
+    its output exactly by the target effect, 0 no better than no adapter at all.
+    """
+    params = _lora_params(block)
+    energy = sum(float(_masked_sq(t - b, m)) for t, b, m in zip(targets, base_out, masks, strict=True))
+    energy = max(energy, 1e-30)
+
+    def error() -> float:
+        with torch.no_grad():
+            return sum(float(_masked_sq(_run_block(block, c, x) - t, m))
+                       for c, x, t, m in zip(calls, inputs, targets, masks, strict=True))
+
+    first = error()
+    best, best_state = first, [p.detach().clone() for p in params]
+    if opts.steps and params:
+        opt = torch.optim.Adam(params, lr=opts.lr)
+        for _ in range(opts.steps):
+            opt.zero_grad()
+            loss = 0.0
+            for c, x, t, m in zip(calls, inputs, targets, masks, strict=True):
+                part = _masked_sq(_run_block(block, c, x) - t, m)
+                (part / energy).backward()
+                loss += float(part.detach())
+            if loss < best:  # the loss of the factors before this step; Adam jitters near an optimum
+                best, best_state = loss, [p.detach().clone() for p in params]
+            opt.step()
+        last = error()
+        if last < best:
+            best = last
+        else:
+            with torch.no_grad():
+                for p, saved in zip(params, best_state, strict=True):
+                    p.copy_(saved)
+    return 1 - first / energy, 1 - best / energy
+
+
+def migrate_layers(new_model: nn.Module, batches: list[Batch], layer_map: list[int | None],
+                   effects: dict[int, list[torch.Tensor]], old_plain: dict[int, list[torch.Tensor]],
+                   opts: FitOptions, progress: ProgressFn = no_progress) -> list[dict]:
+    """Fit every adapted block of ``new_model`` (a PEFT model, trained in place), in order.
+
+    Returns one report row per new layer: source layer, T_j fit R², effect R² before and after.
+    """
+    blocks = blocks_of(new_model)
+    masks = [b["attention_mask"].float() for b in batches]
+    with new_model.disable_adapter():
+        ios = [block_io(new_model, b) for b in batches]
+    calls = [[io[0][j] for io in ios] for j in range(len(blocks))]
+    base_in = [_hidden_input(io[0][0]) for io in ios]
+    x_plain, x_mig = list(base_in), list(base_in)
+    report = []
+    for p in new_model.parameters():
+        p.requires_grad_(False)
+    for j, block in enumerate(blocks):
+        base_out = [io[1][j] for io in ios]
+        src = layer_map[j]
+        row: dict = {"layer": j, "source_layer": src}
+        if src is not None:
+            t = ridge_fit(torch.cat([_tokens(h, m) for h, m in zip(old_plain[src], masks, strict=True)]),
+                          torch.cat([_tokens(h, m) for h, m in zip(base_out, masks, strict=True)]), opts.ridge)
+            row["stream_fit_r2"] = round(_r2(old_plain[src], base_out, masks, t), 4)
+            targets = [o + e @ t.T for o, e in zip(base_out, effects[src], strict=True)]
+        else:
+            targets = [o + (xm - xp) for o, xm, xp in zip(base_out, x_mig, x_plain, strict=True)]
+        params = _lora_params(block)
+        if params:
+            for p in params:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                before, after = fit_block(block, calls[j], x_mig, targets, base_out, masks, opts)
+            for p in params:
+                p.requires_grad_(False)
+            row.update(effect_r2_before=round(before, 4), effect_r2_after=round(after, 4))
+        with torch.no_grad():
+            x_mig = [_run_block(block, c, x) for c, x in zip(calls[j], x_mig, strict=True)]
+        x_plain = base_out
+        report.append(row)
+        progress("data-aware transfer", j + 1, len(blocks))
+    return report
+
+
+def _hidden_input(call: Call) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _r2(xs: list[torch.Tensor], ys: list[torch.Tensor], masks: list[torch.Tensor], t: torch.Tensor) -> float:
+    x = torch.cat([_tokens(a, m) for a, m in zip(xs, masks, strict=True)])
+    y = torch.cat([_tokens(b, m) for b, m in zip(ys, masks, strict=True)])
+    resid = (x @ t.T - y).pow(2).sum()
+    return float(1 - resid / (y - y.mean(0)).pow(2).sum().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def _linear_io(model: nn.Module, name: str, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and outputs of the linear ``name`` over all batches, as (n, in) and (n, out) rows."""
+    xs, ys = [], []
+
+    def hook(_m, args, out):
+        x, mask = args[0], None
+        if x.dim() == 3:  # per token: keep the positions the mask keeps
+            mask = current["mask"].bool()
+            x, out = x[mask], out[mask]
+        xs.append(x.reshape(-1, x.shape[-1]).float())
+        ys.append(out.reshape(-1, out.shape[-1]).float())
+
+    current: dict = {}
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        for batch in batches:
+            current["mask"] = batch["attention_mask"]
+            model(**batch)
+    finally:
+        handle.remove()
+    return torch.cat(xs), torch.cat(ys)
+
+
+def refit_heads(old_model: nn.Module, new_model: nn.Module, heads: list[str], batches: list[Batch],
+                opts: FitOptions, max_out: int) -> dict[str, dict]:
+    """Ridge-refit each saved linear head, in forward order, to reproduce the old pair's outputs.
+
+    Heads wider than ``max_out`` outputs (vocabulary-sized LM heads) keep their weight-space map.
+    Returns per head the fit R² of its outputs before and after.
+    """
+    report = {}
+    for name in heads:
+        module = new_model.get_submodule(name)
+        weight = _head_weight(module)
+        if weight is None or weight.shape[0] > max_out:
+            continue
+        _, target = _linear_io(old_model, name, batches)
+        x, y = _linear_io(new_model, name, batches)
+        before = _fit_quality(y, target)
+        w = ridge_fit(x, target, opts.ridge, bias=True)
+        with torch.no_grad():
+            weight.copy_(w[:, :-1].to(weight.dtype))
+            bias = _head_bias(module)
+            if bias is not None:
+                bias.copy_(w[:, -1].to(bias.dtype))
+        _, y = _linear_io(new_model, name, batches)
+        report[name] = {"output_r2_before": round(before, 4), "output_r2_after": round(_fit_quality(y, target), 4)}
+    return report
+
+
+def _fit_quality(y: torch.Tensor, target: torch.Tensor) -> float:
+    return float(1 - (y - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-30))
+
+
+def _active_copy(module: nn.Module) -> nn.Module:
+    """The trained copy inside PEFT's modules_to_save wrapper (its public ``modules_to_save`` dict)."""
+    copies = getattr(module, "modules_to_save", None)
+    return copies["default"] if copies is not None and "default" in copies else module
+
+
+def _head_weight(module: nn.Module) -> torch.Tensor | None:
+    inner = _active_copy(module)
+    return inner.weight if isinstance(inner, nn.Linear) else None
+
+
+def _head_bias(module: nn.Module) -> torch.Tensor | None:
+    return _active_copy(module).bias
+
+
+def data_aware_transfer(old_model: nn.Module, new_model: nn.Module, batches: list[Batch], layer_map: list[int | None],
+                        heads: list[str], opts: FitOptions, max_head_out: int,
+                        progress: ProgressFn = no_progress) -> dict:
+    """Refit ``new_model``'s adapter (loaded with the weight-space transfer) in place; returns the report."""
+    sources = {s for s in layer_map if s is not None}
+    effects, plain = old_effects(old_model, batches, sources)
+    layers = migrate_layers(new_model, batches, layer_map, effects, plain, opts, progress)
+    del effects, plain
+    head_report = refit_heads(old_model, new_model, heads, batches, opts, max_head_out) if opts.fit_heads else {}
+    return {"layers": layers, "heads": head_report}
+

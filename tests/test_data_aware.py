@@ -1,0 +1,98 @@
+"""Data-aware transfer (`transfer --prompts`): what the maths guarantees on tiny models."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from loramigrate.cli.main import app
+from loramigrate.transfer.data_aware import ridge_fit
+from tests.conftest import shape_pair
+from tests.helpers import WORDS, make_lora
+
+runner = CliRunner()
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def cli(*args, ok: bool = True):
+    result = runner.invoke(app, ["-q", *map(str, args)])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def prompts_file(path, n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = [{"prompt": " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (8,), generator=g).tolist())}
+            for _ in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def logits(base_dir, adapter_dir, ids):
+    model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dir))
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def fit_report(out):
+    return json.loads((out / "transfer_report.json").read_text())["data_aware"]
+
+
+def test_function_preserving_upgrade_keeps_the_old_logits(known_upgrade, tmp_path):
+    """Heads, kv groups and neurons permuted, residual rotated: the weight-space transfer is already
+    exact, so the data-aware fit starts at R² = 1 and must not move away from it."""
+    old, new, _ = known_upgrade
+    cli("align", "--old", old, "--new", new, "-o", tmp_path / "align")
+    adapter = make_lora(old, tmp_path / "lora", targets=ALL)
+    out = tmp_path / "t"
+    cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "--prompts", prompts_file(tmp_path / "p.jsonl"),
+        "--fit-steps", 5, "-o", out)
+    rows = fit_report(out)["layers"]
+    assert all(r["effect_r2_before"] > 0.999 and r["effect_r2_after"] >= r["effect_r2_before"] for r in rows)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    want, got = logits(old, adapter, ids), logits(new, out, ids)
+    assert (want - got).abs().max() < 1e-3 * max(1.0, float(want.abs().max()))
+
+
+def test_unrelated_pair_fit_moves_blocks_toward_the_mapped_effect(tmp_path):
+    """Two separately initialised models: the weight-space map keeps little of the effect; the fit
+    raises every adapted block's effect R² and never lowers it."""
+    old, new = shape_pair(tmp_path, {"hidden": 32, "layers": 2}, {"hidden": 48, "layers": 3})
+    cli("align", "--old", old, "--new", new, "--per-layer-transfer", "-o", tmp_path / "align")
+    adapter = make_lora(old, tmp_path / "lora", targets=ALL, r=4, alpha=16)
+    out = tmp_path / "t"
+    cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "--prompts", prompts_file(tmp_path / "p.jsonl"),
+        "--fit-steps", 40, "--fit-lr", 3e-3, "--fill", "nearest", "-o", out)
+    rows = [r for r in fit_report(out)["layers"] if "effect_r2_after" in r]
+    assert rows and all(r["effect_r2_after"] >= r["effect_r2_before"] for r in rows)
+    assert sum(r["effect_r2_after"] - r["effect_r2_before"] for r in rows) / len(rows) > 0.05
+    assert all(r["stream_fit_r2"] > 0 for r in rows if r["source_layer"] is not None)
+
+
+def test_ridge_fit_agrees_with_direct_least_squares():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(200, 6, generator=g), torch.randn(3, 6, generator=g)
+    y = x @ w.T + 0.5
+    fitted = ridge_fit(x, y, ridge=0.0, bias=True)
+    direct = torch.linalg.lstsq(torch.cat([x, torch.ones(200, 1)], 1).double(), y.double()).solution.T.float()
+    assert torch.allclose(fitted, direct, atol=1e-4)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no examples"),
+    ('{"label": 1}\n', "expected a 'prompt' or 'text' string"),
+    ('{"prompt": "alpha"}\n', "prompt tokens, the rank-4 fit needs at least 16"),
+], ids=["empty", "no-field", "too-few-tokens"])
+def test_bad_prompts_fail_cleanly_and_write_nothing(tiny_models, tmp_path, content, message):
+    model = tiny_models["llama"]
+    cli("align", "--old", model, "--new", model, "-o", tmp_path / "align")
+    adapter = make_lora(model, tmp_path / "lora", targets=["q_proj"], r=4)
+    (tmp_path / "p.jsonl").write_text(content)
+    result = cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "--prompts", tmp_path / "p.jsonl",
+                 "-o", tmp_path / "t", ok=False)
+    assert result.exit_code == 1 and message in result.output
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob("t.tmp-*"))
