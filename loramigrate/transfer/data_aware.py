@@ -8,7 +8,9 @@ the new stream:
     target_j(x) = h_j^new(x) + T_j (h_l^{old+A}(x) − h_l^old(x)),
 
 with T_j the least-squares map from old layer l's outputs to new layer j's outputs on the same tokens.
-New layers without a source layer carry the effect that reaches them unchanged. Layers are fitted in
+A new layer without a source layer takes the effect of the last source layer before it, mapped into its
+own output stream (so a deeper model's extra top layers still end on the old adapter's final effect);
+layers before any source layer keep the effect that reaches them. Layers are fitted in
 order with the already migrated ones active, so errors do not compound (sequential reconstruction, as
 GPTQ does). Whole-model passes are forward only; a block's fit back-propagates through that block alone.
 Saved heads (``modules_to_save`` linears such as a pooler or classifier) are then refitted by ridge
@@ -38,7 +40,6 @@ Call = tuple[tuple, dict]  # the (args, kwargs) a block was called with
 class FitOptions:
     steps: int = 30  # Adam steps per block (each a full pass over the cached prompts)
     lr: float = 1e-3
-    ridge: float = 1e-3  # relative to the mean input energy, for T_j and the saved heads
     fit_heads: bool = True
 
 
@@ -106,6 +107,33 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float, bias: bool = False
     gram = x.T @ x
     lam = ridge * float(gram.diagonal().mean()) + 1e-12
     return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=x.dtype), x.T @ y.double()).T.float()
+
+
+RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def apply_fit(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ, with the bias column of a ``ridge_fit(..., bias=True)`` when W has one more column than x."""
+    return x @ w[:, : x.shape[1]].T + (w[:, -1] if w.shape[1] > x.shape[1] else 0)
+
+
+def r2(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Explained fraction of y's variance around its mean (1: exact, 0: no better than the mean)."""
+    return float(1 - (pred - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-30))
+
+
+def ridge_select(x: torch.Tensor, y: torch.Tensor, bias: bool = False, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """``ridge_fit`` with the ridge that predicts a held-out fifth of the rows best, refitted on all rows.
+
+    Few rows against wide inputs (a pooler sees one row per prompt) would otherwise be interpolated,
+    not fitted. Returns W and {ridge, heldout_r2}.
+    """
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    cut = max(1, x.shape[0] // 5)
+    test, fit = order[:cut], order[cut:]
+    scores = {lam: r2(apply_fit(ridge_fit(x[fit], y[fit], lam, bias), x[test]), y[test]) for lam in RIDGES}
+    best = max(scores, key=scores.get)
+    return ridge_fit(x, y, best, bias), {"ridge": best, "heldout_r2": round(scores[best], 4)}
 
 
 def old_effects(old_model: nn.Module, batches: list[Batch], layers: set[int]) -> tuple[dict, dict]:
@@ -188,14 +216,15 @@ def migrate_layers(new_model: nn.Module, batches: list[Batch], layer_map: list[i
     report = []
     for p in new_model.parameters():
         p.requires_grad_(False)
+    src = None
     for j, block in enumerate(blocks):
         base_out = [io[1][j] for io in ios]
-        src = layer_map[j]
-        row: dict = {"layer": j, "source_layer": src}
+        src = layer_map[j] if layer_map[j] is not None else src  # unmapped: the last source layer above
+        row: dict = {"layer": j, "source_layer": layer_map[j], "effect_of_old_layer": src}
         if src is not None:
-            t = ridge_fit(torch.cat([_tokens(h, m) for h, m in zip(old_plain[src], masks, strict=True)]),
-                          torch.cat([_tokens(h, m) for h, m in zip(base_out, masks, strict=True)]), opts.ridge)
-            row["stream_fit_r2"] = round(_r2(old_plain[src], base_out, masks, t), 4)
+            t, fit = ridge_select(torch.cat([_tokens(h, m) for h, m in zip(old_plain[src], masks, strict=True)]),
+                                  torch.cat([_tokens(h, m) for h, m in zip(base_out, masks, strict=True)]))
+            row.update(stream_fit_r2=fit["heldout_r2"], stream_ridge=fit["ridge"])
             targets = [o + e @ t.T for o, e in zip(base_out, effects[src], strict=True)]
         else:
             targets = [o + (xm - xp) for o, xm, xp in zip(base_out, x_mig, x_plain, strict=True)]
@@ -219,13 +248,6 @@ def migrate_layers(new_model: nn.Module, batches: list[Batch], layer_map: list[i
 def _hidden_input(call: Call) -> torch.Tensor:
     args, kwargs = call
     return args[0] if args else kwargs["hidden_states"]
-
-
-def _r2(xs: list[torch.Tensor], ys: list[torch.Tensor], masks: list[torch.Tensor], t: torch.Tensor) -> float:
-    x = torch.cat([_tokens(a, m) for a, m in zip(xs, masks, strict=True)])
-    y = torch.cat([_tokens(b, m) for b, m in zip(ys, masks, strict=True)])
-    resid = (x @ t.T - y).pow(2).sum()
-    return float(1 - resid / (y - y.mean(0)).pow(2).sum().clamp_min(1e-30))
 
 
 @torch.no_grad()
@@ -267,20 +289,16 @@ def refit_heads(old_model: nn.Module, new_model: nn.Module, heads: list[str], ba
             continue
         _, target = _linear_io(old_model, name, batches)
         x, y = _linear_io(new_model, name, batches)
-        before = _fit_quality(y, target)
-        w = ridge_fit(x, target, opts.ridge, bias=True)
+        before = r2(y, target)
+        w, fit = ridge_select(x, target, bias=True)
         with torch.no_grad():
             weight.copy_(w[:, :-1].to(weight.dtype))
             bias = _head_bias(module)
             if bias is not None:
                 bias.copy_(w[:, -1].to(bias.dtype))
         _, y = _linear_io(new_model, name, batches)
-        report[name] = {"output_r2_before": round(before, 4), "output_r2_after": round(_fit_quality(y, target), 4)}
+        report[name] = {"output_r2_before": round(before, 4), "output_r2_after": round(r2(y, target), 4), **fit}
     return report
-
-
-def _fit_quality(y: torch.Tensor, target: torch.Tensor) -> float:
-    return float(1 - (y - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-30))
 
 
 def _active_copy(module: nn.Module) -> nn.Module:
