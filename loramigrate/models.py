@@ -179,5 +179,6 @@ def load_pair(base: str, adapter: str, dtype: Dtype = "auto", device: Device = "
     try:
         pair = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise ArtifactError(f"{adapter} does not load on {base}: {str(e).strip().splitlines()[0][:200]}") from None
+        problem = " ".join(str(e).split())[:240]  # PyTorch names the mismatched tensors after a header line
+        raise ArtifactError(f"{adapter} does not load on {base}: {problem}") from None
     return pair.requires_grad_(False).eval()
