@@ -7,6 +7,7 @@ Run: python -m pytest tests/test_distill.py -q
 import json
 import logging
 import random
+import shutil
 from types import SimpleNamespace
 from typing import get_args
 
@@ -24,11 +25,10 @@ from loramigrate.finetune.objective import distill_kl
 from loramigrate.finetune.runner import run_finetune
 from loramigrate.finetune.teacher import TEACHERS
 from loramigrate.models import load_pair
-from tests.helpers import WORDS, build, make_lora, make_tiny, make_tokenizer, save, tiny_config
+from tests.helpers import WORDS, build, cue_rows, make_lora, make_tiny, make_tokenizer, save, tiny_config
 
 runner = CliRunner()
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-LABELS = ("water", "people", "number")
 
 
 def write(path, rows):
@@ -68,17 +68,7 @@ def cls(tmp_path_factory):
     old adapter (LoRA + classifier head) trained on the old encoder."""
     root = tmp_path_factory.mktemp("distill_cls")
     rng = random.Random(0)
-    fillers = [w for w in WORDS if w not in LABELS]
-
-    def rows(n):
-        out = []
-        for _ in range(n):
-            label = rng.choice(LABELS)
-            words = rng.choices(fillers, k=5) + [label]
-            rng.shuffle(words)
-            out.append({"text": " ".join(words), "label": label})
-        return out
-    train, val = rows(48), rows(12)
+    train, val = cue_rows(rng, 48), cue_rows(rng, 12)
     ns = SimpleNamespace(old=dropout_free_bert(root / "old", 0), new=dropout_free_bert(root / "new", 1),
                          train=write(root / "train.jsonl", train), val=write(root / "val.jsonl", val),
                          texts=write(root / "texts.jsonl", [{"text": r["text"]} for r in train]))
@@ -168,6 +158,13 @@ def test_the_proxy_teacher_on_an_identity_pair_is_the_old_pair(gen, tmp_path):
         got = TEACHERS["proxy"](pair).logits(student, inputs)
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(own, expected, atol=1e-3)
+    on_new = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(gen.new), other).eval()
+    with torch.no_grad(), on_new.disable_adapter():
+        new = on_new(**inputs).logits
+    with torch.no_grad(), pair.disable_adapter():
+        offset = expected - pair(**inputs).logits
+    with torch.no_grad():  # on another base: that base steered by the old adapter's offset
+        assert torch.allclose(TEACHERS["proxy"](pair).logits(on_new, inputs), new + offset, atol=1e-5)
 
 
 def test_the_proxy_eval_arm_on_an_identity_pair_matches_the_old_pair(gen, tmp_path):
@@ -191,6 +188,21 @@ def test_the_proxy_eval_arm_on_an_identity_pair_matches_the_old_pair(gen, tmp_pa
     assert proxy["loss"] == pytest.approx(reference["loss"], rel=1e-4) and proxy["negative_flips"] == 0
     assert alone["exact_match"] < 1.0 and proxy["gap_recovered"] == pytest.approx(1.0)
     assert alone["gap_recovered"] == 0.0 and "gap recovered" in result.stdout
+
+
+def test_a_changed_teacher_redoes_the_stage(gen, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(gen.adapter, teacher)
+    cfg = gen_config(gen.new, gen.data, steps=1, teacher="old", teacher_base=str(gen.old), teacher_adapter=str(teacher))
+    out = run_finetune(cfg, tmp_path / "ft")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"teacher_base", "teacher_adapter"} <= set(manifest["inputs"])
+    run_finetune(cfg, out)
+    assert json.loads((out / "manifest.json").read_text()) == manifest  # up to date: kept
+    shutil.rmtree(teacher)
+    make_lora(gen.old, teacher, targets=TARGETS, seed=5)
+    run_finetune(cfg, out)
+    assert json.loads((out / "manifest.json").read_text())["inputs"] != manifest["inputs"]
 
 
 def test_the_kl_is_teacher_to_student_with_softened_targets_scaled_by_t_squared():
@@ -257,3 +269,6 @@ def test_bad_teacher_input_is_one_line_and_writes_nothing(gen, cls, tmp_path_fac
     ]
     for args, match in cases:
         fails(tmp_path, args, match)
+    result = runner.invoke(app, ["eval", "--base", str(cls.new), "--data", str(cls.val), "--proxy-old-base", str(cls.old),
+                                 "--proxy-old-adapter", str(cls.adapter)])
+    assert result.exit_code == 1 and "generation tasks only" in result.stderr and result.stdout == ""
