@@ -52,7 +52,7 @@ class EvalResult:
         return out
 
 
-TARGETS = {"generation": ("prompt", "completion"), "classification": ("text", "label")}  # input, target field
+FIELDS = {"generation": ("prompt", "completion"), "classification": ("text", "label")}  # input, target
 
 
 def has_target(row: dict) -> bool:
@@ -66,15 +66,14 @@ def _row_kind(row: object, unlabelled: bool) -> str:
     Raises:
         ValueError: the row's problem, in words.
     """
-    for kind, (source, target) in TARGETS.items():
-        if isinstance(row, dict) and isinstance(row.get(source), str):
-            if target in row and (kind == "classification" or isinstance(row[target], str)):
-                return kind
-            if target in row:
-                raise ValueError(f"'{target}' must be a string")
-            if not unlabelled:
-                raise ValueError(f"no '{target}': rows without one need a teacher (--teacher old or proxy)")
-            return kind
+    for kind, (source, target) in FIELDS.items():
+        if not (isinstance(row, dict) and isinstance(row.get(source), str)):
+            continue
+        if kind == "generation" and target in row and not isinstance(row[target], str):
+            raise ValueError("'completion' must be a string")
+        if target not in row and not unlabelled:
+            raise ValueError(f"no '{target}': rows without one need a teacher (--teacher old or proxy)")
+        return kind
     raise ValueError("expected 'prompt' and 'completion' strings, or 'text' and 'label'")
 
 

@@ -155,7 +155,9 @@ def shared_vocabulary(a: ModelRef, b: ModelRef) -> bool:
 
 
 def require_shared_vocabulary(a: ModelRef, b: ModelRef, purpose: str) -> None:
-    """Raises:
+    """Refuse a pair whose token ids differ, for ``purpose`` (named in the message).
+
+    Raises:
         ConfigError: the tokenizers differ.
     """
     if not shared_vocabulary(a, b):

@@ -148,9 +148,7 @@ def _row(arm: str, res: EvalResult | None, reference: EvalResult, new_alone: Eva
     is the reference); an arm without a result did not load."""
     if res is None:
         return {"arm": arm, "note": "does not load: shapes differ"}
-    (res,) = with_gap([res], reference, new_alone)
-    if res.name != reference.name:
-        (res,) = with_flips([res], reference)
+    (res,) = with_gap(with_flips([res], reference) if res is not reference else [res], reference, new_alone)
     return {"arm": arm, **res.summary(), "metric": res.metric, "score": res.score}
 
 
