@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Config(BaseModel):
@@ -100,8 +100,22 @@ class FinetuneConfig(_Config):
     eval_every: int = Field(20, ge=1)
     eval_limit: int = Field(100, ge=1)
     target: str | None = None  # "exact_match=0.8", "accuracy=0.6" or "loss=0.2": stop at the first evaluation reaching it
+    # distillation (finetune/teacher.py TEACHERS): old = the old base + old adapter; proxy = the new base steered
+    # by the old adapter's logit offset (generation, shared vocabulary). Rows without targets then get the teacher's
+    teacher: Literal["none", "old", "proxy"] = "none"
+    teacher_base: str | None = None  # the old base
+    teacher_adapter: str | None = None  # the old adapter
+    distill_temperature: float = Field(1.0, gt=0)  # > 1 softens both distributions; the KL is scaled by T²
+    distill_weight: float = Field(1.0, ge=0, le=1)  # loss = w·KL + (1 − w)·task loss
+    teacher_new_tokens: int = Field(32, ge=1)  # greedy completion of a prompts-only row: at most this many tokens
     seed: int = 0
     load: ModelLoadConfig = ModelLoadConfig()
+
+    @model_validator(mode="after")
+    def _teacher_needs_the_old_pair(self) -> FinetuneConfig:
+        if self.teacher != "none" and not (self.teacher_base and self.teacher_adapter):
+            raise ValueError(f"teacher '{self.teacher}' needs teacher_base and teacher_adapter (the old base and adapter)")
+        return self
 
 
 class SearchConfig(_Config):

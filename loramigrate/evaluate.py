@@ -2,13 +2,15 @@
 
 Data is JSONL: ``{"prompt", "completion"}`` rows (causal LMs: loss on completion tokens, exact match
 of greedy decoding) or ``{"text", "label"}`` rows (sequence classification: loss and accuracy, labels
-indexed in sorted order, the convention the classification head was trained with).
+indexed in sorted order, the convention the classification head was trained with). With a teacher,
+rows may hold only the ``prompt`` or only the ``text``: the teacher supplies the target.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,16 +42,44 @@ class EvalResult:
     correct: list[bool]
     negative_flips: int | None = None  # examples the reference got right and this one gets wrong
     adapter: str | None = None  # the adapter directory as given; None for the base alone
+    gap_recovered: float | None = None  # (score − new base alone) / (old pair − new base alone)
 
     def summary(self) -> dict:
         out = {"name": self.name, "n": self.n, "loss": self.loss, self.metric: self.score}
-        if self.negative_flips is not None:
-            out["negative_flips"] = self.negative_flips
+        for key in ("negative_flips", "gap_recovered"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
-def read_task(path: str | Path, limit: int | None = None) -> Task:
-    """Read and validate a task file.
+FIELDS = {"generation": ("prompt", "completion"), "classification": ("text", "label")}  # input, target
+
+
+def has_target(row: dict) -> bool:
+    """Whether the row carries its completion or label (otherwise a teacher supplies it)."""
+    return "completion" in row or "label" in row
+
+
+def _row_kind(row: object, unlabelled: bool) -> str:
+    """The task kind of one row.
+
+    Raises:
+        ValueError: the row's problem, in words.
+    """
+    for kind, (source, target) in FIELDS.items():
+        if not (isinstance(row, dict) and isinstance(row.get(source), str)):
+            continue
+        if kind == "generation" and target in row and not isinstance(row[target], str):
+            raise ValueError("'completion' must be a string")
+        if target not in row and not unlabelled:
+            raise ValueError(f"no '{target}': rows without one need a teacher (--teacher old or proxy)")
+        return kind
+    raise ValueError("expected 'prompt' and 'completion' strings, or 'text' and 'label'")
+
+
+def read_task(path: str | Path, limit: int | None = None, unlabelled: bool = False) -> Task:
+    """Read and validate a task file; ``unlabelled`` accepts rows without a completion or label (a teacher
+    will supply them).
 
     Raises:
         ArtifactError: missing/empty file, a line that is not JSON or lacks the fields (named by number).
@@ -59,28 +89,26 @@ def read_task(path: str | Path, limit: int | None = None) -> Task:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ArtifactError(f"cannot read data file {path}: {e.__class__.__name__}") from None
-    rows = []
+    rows, kinds = [], set()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+            kinds.add(_row_kind(row, unlabelled))
         except json.JSONDecodeError:
             raise ArtifactError(f"{path}:{n}: not valid JSON") from None
-        ok_gen = isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
-        ok_cls = isinstance(row, dict) and isinstance(row.get("text"), str) and "label" in row
-        if not (ok_gen or ok_cls):
-            raise ArtifactError(f"{path}:{n}: expected 'prompt' and 'completion' strings, or 'text' and 'label'")
+        except ValueError as e:
+            raise ArtifactError(f"{path}:{n}: {e}") from None
         rows.append(row)
         if limit and len(rows) >= limit:
             break
     if not rows:
         raise ArtifactError(f"data file {path} holds no examples")
-    kinds = {"generation" if "prompt" in r else "classification" for r in rows}
     if len(kinds) > 1:
         raise ArtifactError(f"{path} mixes prompt/completion and text/label rows")
     kind = kinds.pop()
-    labels = sorted({str(r["label"]) for r in rows}) if kind == "classification" else []
+    labels = sorted({str(r["label"]) for r in rows if "label" in r}) if kind == "classification" else []
     return Task(kind=kind, rows=rows, labels=labels)
 
 
@@ -108,36 +136,56 @@ def completion_batch(tok, rows: list[dict], max_len: int | None = None
     return prompts, targets, (ids, mask, labels)
 
 
-@torch.no_grad()
+Logits = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # model inputs → logits (B, T, V)
+Generate = Callable[[list[list[int]], int], torch.Tensor]  # prompt ids, new tokens → greedy ids (B, ≤ new tokens)
+
+
 def generation_metrics(model: nn.Module, tok, rows: list[dict], batch_size: int,
                        progress: ProgressFn = no_progress, label: str = "eval") -> tuple[float, list[bool]]:
     """Mean loss over completion tokens and per-example exact match of greedy decoding."""
-    dev = model_device(model)
+    return score_generation(lambda inputs: model(**inputs).logits, lambda p, n: generate_ids(model, tok, p, n),
+                            model_device(model), tok, rows, batch_size, progress, label)
+
+
+@torch.no_grad()
+def score_generation(logits_of: Logits, generate: Generate, device: torch.device, tok, rows: list[dict],
+                     batch_size: int, progress: ProgressFn = no_progress, label: str = "eval"
+                     ) -> tuple[float, list[bool]]:
+    """``generation_metrics`` of any logits function and its greedy decoding (a model, or an ensemble)."""
     total_loss, total_tokens, correct = 0.0, 0, []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         prompts, targets, (ids, mask, labels) = completion_batch(tok, batch)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(dev), ignore_index=-100, reduction="sum")
+        logits = logits_of({"input_ids": ids.to(device), "attention_mask": mask.to(device)}).float()
+        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100,
+                               reduction="sum")
         total_loss += float(loss)
         total_tokens += int((labels[:, 1:] != -100).sum())
-        correct += _greedy_matches(model, tok, prompts, batch, max(map(len, targets)) + 2)
+        texts = tok.batch_decode(generate(prompts, max(map(len, targets)) + 2), skip_special_tokens=True)
+        correct += [answer_matches(t, r["completion"]) for t, r in zip(texts, batch, strict=True)]
         progress(label, min(start + batch_size, len(rows)), len(rows))
     return total_loss / max(total_tokens, 1), correct
 
 
-def _greedy_matches(model: nn.Module, tok, prompts: list[list[int]], batch: list[dict], new_tokens: int) -> list[bool]:
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, longest prompt): left padding, so every prompt ends where
+    generation starts."""
     width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), tok.pad_token_id)
+    ids = torch.full((len(prompts), width), pad_id)
     mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding, so every prompt ends where generation starts
+    for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def generate_ids(model: nn.Module, tok, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
+    """Greedy continuation ids (B, ≤ new_tokens) of a model, with its KV cache; pad after an end token."""
+    ids, mask = left_pad(prompts, tok.pad_token_id)
     dev = model_device(model)
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [answer_matches(t, r["completion"]) for t, r in zip(texts, batch, strict=True)]
+    return out[:, ids.shape[1]:].cpu()
 
 
 def answer_matches(generated: str, target: str) -> bool:
@@ -147,10 +195,14 @@ def answer_matches(generated: str, target: str) -> bool:
     return text.startswith(want) and (len(text) == len(want) or not text[len(want)].isalnum())
 
 
+def text_batch(tok, rows: list[dict], max_len: int = 256) -> dict[str, torch.Tensor]:
+    """Tokenised, padded texts of classification rows."""
+    return dict(tok([r["text"] for r in rows], return_tensors="pt", padding=True, truncation=True, max_length=max_len))
+
+
 def label_batch(tok, rows: list[dict], labels: list[str], max_len: int = 256) -> tuple[dict, torch.Tensor]:
     """Tokenised, padded texts and the class index of each row (labels in sorted order)."""
-    enc = tok([r["text"] for r in rows], return_tensors="pt", padding=True, truncation=True, max_length=max_len)
-    return dict(enc), torch.tensor([labels.index(str(r["label"])) for r in rows])
+    return text_batch(tok, rows, max_len), torch.tensor([labels.index(str(r["label"])) for r in rows])
 
 
 @torch.no_grad()
@@ -235,3 +287,10 @@ def unload_to_base(model: nn.Module) -> nn.Module:
 def with_flips(results: list[EvalResult], reference: EvalResult) -> list[EvalResult]:
     return [replace(r, negative_flips=negative_flips(reference.correct, r.correct))
             for r in results]
+
+
+def with_gap(results: list[EvalResult], old_pair: EvalResult, new_alone: EvalResult) -> list[EvalResult]:
+    """Each result's share of the old adapter's gain, (score − new alone) / (old pair − new alone): 0 is the
+    new base, 1 the old service level. None where the old adapter gains nothing to recover."""
+    gain = old_pair.score - new_alone.score
+    return [replace(r, gap_recovered=(r.score - new_alone.score) / gain if gain else None) for r in results]

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from loramigrate.adapters import CONFIG
 from loramigrate.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -145,3 +146,41 @@ def load_tokenizer(ref: ModelRef):  # -> transformers.PreTrainedTokenizerBase
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
+
+
+def shared_vocabulary(a: ModelRef, b: ModelRef) -> bool:
+    """Whether both tokenizers map every token to the same id: then token positions and logits of the two
+    models line up one to one (distillation on completion tokens, the proxy ensemble)."""
+    return load_tokenizer(a).get_vocab() == load_tokenizer(b).get_vocab()
+
+
+def require_shared_vocabulary(a: ModelRef, b: ModelRef, purpose: str) -> None:
+    """Refuse a pair whose token ids differ, for ``purpose`` (named in the message).
+
+    Raises:
+        ConfigError: the tokenizers differ.
+    """
+    if not shared_vocabulary(a, b):
+        raise ConfigError(f"the tokenizers of {a.path} and {b.path} differ; {purpose} needs identical vocabularies")
+
+
+def load_pair(base: str, adapter: str, dtype: Dtype = "auto", device: Device = "cpu", num_labels: int | None = None
+              ) -> nn.Module:
+    """A base with its adapter, frozen and in eval mode: the old pair that teachers and the proxy ensemble read
+    (a classifier head comes from the adapter's modules_to_save).
+
+    Raises:
+        ArtifactError: the base or the adapter cannot be loaded, or the adapter does not fit the base.
+    """
+    from peft import PeftModel
+
+    ref = resolve_model(base)
+    if not (Path(adapter) / CONFIG).is_file():
+        raise ArtifactError(f"{adapter} is not a PEFT adapter directory (no {CONFIG})")
+    model = load_model(ref, dtype, device, num_labels=num_labels)
+    try:
+        pair = PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError) as e:
+        problem = " ".join(str(e).split())[:240]  # PyTorch names the mismatched tensors after a header line
+        raise ArtifactError(f"{adapter} does not load on {base}: {problem}") from None
+    return pair.requires_grad_(False).eval()

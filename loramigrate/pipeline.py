@@ -19,9 +19,11 @@ from loramigrate.align import run_align
 from loramigrate.artifacts import hash_inputs, is_up_to_date, read_manifest, stage_output
 from loramigrate.config import ModelLoadConfig
 from loramigrate.errors import ConfigError
-from loramigrate.evaluate import EvalResult, evaluate_pairs, read_task, with_flips
+from loramigrate.evaluate import EvalResult, evaluate_pairs, read_task, with_flips, with_gap
 from loramigrate.finetune.runner import run_finetune
+from loramigrate.models import resolve_model, shared_vocabulary
 from loramigrate.progress import ProgressFn, no_progress
+from loramigrate.proxy import evaluate_proxy
 from loramigrate.recipes import STAGES, Recipe
 from loramigrate.search import run_search
 from loramigrate.transfer import run_transfer
@@ -101,7 +103,7 @@ def _migrate(recipe: Recipe, r: AdapterRun, base: Path, forced: set[str], progre
         init = out
     if recipe.finetune is not None:
         r.dirs["finetune"] = out = base / "finetune"
-        r.ran["finetune"] = _stage(out, run_finetune, recipe.finetune_config(str(init)), out, progress,
+        r.ran["finetune"] = _stage(out, run_finetune, recipe.finetune_config(str(init), r.source), out, progress,
                                    force="finetune" in forced)
     r.dirs["eval"] = out = base / "eval"
     r.ran["eval"] = _stage(out, run_eval, recipe, r, out, progress, force="eval" in forced)
@@ -111,37 +113,49 @@ def _migrate(recipe: Recipe, r: AdapterRun, base: Path, forced: set[str], progre
 def run_eval(recipe: Recipe, r: AdapterRun, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False
              ) -> Path:
     """The report's comparison on the test split: old base + old adapter (the reference for negative
-    flips), new base alone, the old adapter copied onto the new base where shapes allow, and each stage."""
+    flips), new base alone, the old adapter copied onto the new base where shapes allow, each stage, and the
+    proxy ensemble where the task is generation and the bases share a vocabulary; each with the share of the
+    old adapter's gain it recovers."""
     arms = {"transfer": r.dirs["transfer"], **{s: r.dirs[s] for s in ("search", "finetune") if s in r.dirs}}
     inputs = hash_inputs({"old": recipe.old, "new": recipe.new, "adapter": r.source, "data": recipe.data.test,
                           **{k: str(v) for k, v in arms.items()}})
-    config = {"limit": recipe.eval.limit, "batch_size": recipe.eval.batch_size}
+    task = read_task(recipe.data.test, recipe.eval.limit)
+    proxy = task.kind == "generation" and shared_vocabulary(resolve_model(recipe.old), resolve_model(recipe.new))
+    config = {"limit": recipe.eval.limit, "batch_size": recipe.eval.batch_size, "proxy_arm": proxy}
     if not force and is_up_to_date(out_dir, "eval", config, inputs):
         return out_dir
-    task = read_task(recipe.data.test, recipe.eval.limit)
     load = ModelLoadConfig()
     with stage_output(out_dir, "eval", config, inputs) as run:
         (reference,) = evaluate_pairs(recipe.old, [r.source], task, recipe.eval.batch_size, load, progress,
                                       include_base=False)
         new = evaluate_pairs(recipe.new, [r.source, *map(str, arms.values())], task, recipe.eval.batch_size, load,
                              progress)
-        rows = [_row("old base + old adapter", reference), _row("new base alone", new[0], reference)]
         by_dir = {res.adapter: res for res in new[1:]}  # an adapter that does not load has no result
-        copy = by_dir.get(r.source)
-        rows.append(_row("copy (old adapter as is)", copy, reference) if copy
-                    else {"arm": "copy (old adapter as is)", "note": "does not load: shapes differ"})
-        for stage, path in arms.items():
-            label = {"transfer": "transfer only", "search": "searched init", "finetune": "final (finetuned)"}[stage]
-            rows.append(_row(label, by_dir[str(path)], reference))
+        labels = {"transfer": "transfer only", "search": "searched init", "finetune": "final (finetuned)"}
+        results = [("old base + old adapter", reference), ("new base alone", new[0]),
+                   ("copy (old adapter as is)", by_dir.get(r.source)),
+                   *((labels[stage], by_dir[str(path)]) for stage, path in arms.items())]
+        if proxy:
+            results.append(("proxy ensemble", evaluate_proxy(recipe.new, recipe.old, r.source, task,
+                                                             recipe.eval.batch_size, load, progress)))
+        rows = [_row(arm, res, reference, new[0]) for arm, res in results]
         (run.tmp_dir / RESULTS).write_text(json.dumps({"metric": reference.metric, "results": rows}, indent=2))
     return out_dir
 
 
-def _row(arm: str, res: EvalResult, reference: EvalResult | None = None) -> dict:
-    """One arm of the comparison, with its negative flips against ``reference`` when given."""
-    if reference is not None:
-        (res,) = with_flips([res], reference)
+def _row(arm: str, res: EvalResult | None, reference: EvalResult, new_alone: EvalResult) -> dict:
+    """One arm of the comparison: its gap recovered, and its negative flips against ``reference`` (unless it
+    is the reference); an arm without a result did not load."""
+    if res is None:
+        return {"arm": arm, "note": "does not load: shapes differ"}
+    (res,) = with_gap(with_flips([res], reference) if res is not reference else [res], reference, new_alone)
     return {"arm": arm, **res.summary(), "metric": res.metric, "score": res.score}
+
+
+def gap_text(row: dict) -> str:
+    """A result row's gap recovered as a percentage, or – where the old adapter gains nothing."""
+    gap = row.get("gap_recovered")
+    return "–" if gap is None else f"{100 * gap:.0f} %"
 
 
 def stage_costs(r: AdapterRun) -> list[dict]:
@@ -164,12 +178,13 @@ def write_report(recipe: Recipe, runs: list[AdapterRun], run_dir: Path, elapsed:
     summary = {"recipe": recipe.model_dump(), "adapters": {}}
     for r in runs:
         metric = next((x["metric"] for x in r.results if "metric" in x), "score")
-        lines += [f"## {r.name}", "", f"| arm | n | loss | {metric} | negative flips |", "|---|---|---|---|---|"]
+        lines += [f"## {r.name}", "", f"| arm | n | loss | {metric} | gap recovered | negative flips |",
+                  "|---|---|---|---|---|---|"]
         for x in r.results:
             if "note" in x:
-                lines.append(f"| {x['arm']} | – | – | – | {x['note']} |")
+                lines.append(f"| {x['arm']} | – | – | – | – | {x['note']} |")
             else:
-                lines.append(f"| {x['arm']} | {x['n']} | {x['loss']:.4f} | {x['score']:.4f} | "
+                lines.append(f"| {x['arm']} | {x['n']} | {x['loss']:.4f} | {x['score']:.4f} | {gap_text(x)} | "
                              f"{x.get('negative_flips', '–') if x['arm'] != 'old base + old adapter' else 'reference'} |")
         costs = stage_costs(r)
         lines += ["", "| stage | wall s | peak RSS MB | this run |", "|---|---|---|---|"]

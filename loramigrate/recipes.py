@@ -85,7 +85,7 @@ class Recipe(_Config):
         """Build every stage config once with placeholder links, so a bad option fails at load time."""
         builds = {"align": self.align_config, "transfer": lambda: self.transfer_config("ALIGN", "ADAPTER"),
                   "search": lambda: self.search is None or self.search_config("ALIGN", "TRANSFER"),
-                  "finetune": lambda: self.finetune is None or self.finetune_config("INIT")}
+                  "finetune": lambda: self.finetune is None or self.finetune_config("INIT", "ADAPTER")}
         for section, build in builds.items():
             try:
                 build()
@@ -105,8 +105,13 @@ class Recipe(_Config):
         options = {"train": self.data.train if search.get("fidelity_steps") else None, **search}
         return SearchConfig(align=align, transfer=transfer, data=self.data.val, **options)
 
-    def finetune_config(self, init: str) -> FinetuneConfig:
-        return FinetuneConfig(base=self.new, init=init, data=self.data.train, val=self.data.val, **(self.finetune or {}))
+    def finetune_config(self, init: str, source: str) -> FinetuneConfig:
+        """``source`` is the old adapter being migrated: with ``teacher: old`` or ``proxy`` it teaches, on the
+        recipe's old base (unless the section names another teacher)."""
+        section = self.finetune or {}
+        teacher = {"teacher_base": self.old, "teacher_adapter": source} if section.get("teacher", "none") != "none" else {}
+        return FinetuneConfig(base=self.new, init=init, data=self.data.train, val=self.data.val,
+                              **{**teacher, **section})
 
 
 def _with_calib(section: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,21 @@ WORDS = (
 FAMILIES = ("llama", "qwen2", "mistral", "gemma", "neox", "bert")
 
 
+CUES = ("water", "people", "number")
+
+
+def cue_rows(rng, n: int) -> list[dict]:
+    """Text/label rows whose label is the cue word the text holds: learnable by a tiny random encoder."""
+    fillers = [w for w in WORDS if w not in CUES]
+    rows = []
+    for _ in range(n):
+        label = rng.choice(CUES)
+        words = rng.choices(fillers, k=5) + [label]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
 def make_tokenizer(words: list[str], pad: str = "[PAD]", unk: str = "[UNK]") -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate([pad, unk, *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))

@@ -14,10 +14,10 @@ from loramigrate.cli.main import app
 from loramigrate.config import FinetuneConfig
 from loramigrate.finetune import objective
 from loramigrate.finetune.runner import run_finetune
-from tests.helpers import WORDS
+from tests.helpers import CUES, cue_rows
 
 runner = CliRunner()
-LABELS = ("water", "people", "number")
+LABELS = CUES
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +25,9 @@ def sentiment(tmp_path_factory):
     """The label is whichever cue word the text holds: learnable by a tiny random encoder."""
     rng = random.Random(0)
     root = tmp_path_factory.mktemp("cls")
-    fillers = [w for w in WORDS if w not in LABELS]
 
     def write(name, n):
-        rows = []
-        for _ in range(n):
-            label = rng.choice(LABELS)
-            words = rng.choices(fillers, k=5) + [label]
-            rng.shuffle(words)
-            rows.append({"text": " ".join(words), "label": label})
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in cue_rows(rng, n)))
         return root / name
     return write("train.jsonl", 96), write("val.jsonl", 24)
 

@@ -23,7 +23,7 @@ def test_recipe_is_valid(path, monkeypatch):
     recipe = load_recipe(path)
     assert recipe.align_config().layer_map in LAYER_MAPPERS
     assert recipe.old.startswith(("/cache/models/", "/debug/")) and recipe.adapters
-    assert recipe.finetune_config("INIT").data == recipe.data.train
+    assert recipe.finetune_config("INIT", "ADAPTER").data == recipe.data.train
 
 
 @pytest.mark.parametrize(("body", "match"), [
@@ -43,7 +43,7 @@ def test_overrides_reach_the_stage_configs(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(MINIMAL)
     recipe = load_recipe(path, ["finetune.steps=7", "search.n_trials=3", "align.max_tokens=64", "search=null"])
-    assert recipe.finetune_config("i").steps == 7 and recipe.align_config().max_tokens == 64 and recipe.search is None
+    assert recipe.finetune_config("i", "a").steps == 7 and recipe.align_config().max_tokens == 64 and recipe.search is None
     with pytest.raises(ConfigError, match="STAGE.KEY=VALUE"):
         load_recipe(path, ["finetune.steps"])
 

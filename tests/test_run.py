@@ -67,8 +67,9 @@ def test_run_writes_every_stage_and_the_report_then_reruns_by_skipping(debug):
         assert (debug / "run" / "water" / stage / "manifest.json").is_file(), stage
     report = (debug / "run" / "report.md").read_text()
     for arm in ("old base + old adapter", "new base alone", "copy (old adapter as is)", "transfer only",
-                "searched init", "final (finetuned)"):
+                "searched init", "final (finetuned)", "proxy ensemble"):  # the tiny pair shares a tokenizer
         assert arm in report, arm
+    assert "| gap recovered |" in report  # – here: the random old adapter gains nothing on the test split
     assert "exact_match" in result.stdout and "final adapter" in result.stdout
     stamps = {p: p.stat().st_mtime_ns for p in (debug / "run").rglob("manifest.json")}
     again = run(debug / "run")

@@ -36,7 +36,9 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
 
 def _one_line(e: Exception) -> str:
     if isinstance(e, ValidationError):
-        parts = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        # a cross-field rule (model validator) has no field to name
+        parts = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
+                 for err in e.errors()]
         return "invalid configuration: " + "; ".join(parts)
     return " ".join(str(e).split())
 

@@ -18,17 +18,21 @@ Examples:
 
   loramigrate eval --base models/new --adapter runs/pair/sql/transfer --adapter runs/pair/sql/final \\
       --data test.jsonl --reference-base models/old --reference-adapter adapters/sql --json eval.json
+
+  loramigrate eval --base models/new --data test.jsonl --reference-base models/old --reference-adapter adapters/sql \
+      --proxy-old-base models/old --proxy-old-adapter adapters/sql
 """
 
 
 def _table(rows: list, reference) -> Table:
     metric = rows[0].metric if rows else "score"
     table = Table(title=f"{metric} (higher is better) and loss")
-    for col in ("model", "n", "loss", metric, "negative flips"):
+    for col in ("model", "n", "loss", metric, "gap recovered", "negative flips"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in ([reference] if reference else []) + rows:
         flips = "reference" if r is reference else ("" if r.negative_flips is None else str(r.negative_flips))
-        table.add_row(r.name, str(r.n), f"{r.loss:.4f}", f"{r.score:.4f}", flips)
+        gap = "" if r.gap_recovered is None else f"{100 * r.gap_recovered:.0f} %"
+        table.add_row(r.name, str(r.n), f"{r.loss:.4f}", f"{r.score:.4f}", gap, flips)
     return table
 
 
@@ -39,6 +43,10 @@ def evaluate(
     adapter: Annotated[list[Path] | None, typer.Option(help="PEFT adapter directory; repeat for several.")] = None,
     reference_base: Annotated[str | None, typer.Option(help="Old base for negative flips.")] = None,
     reference_adapter: Annotated[Path | None, typer.Option(help="Old adapter, with --reference-base.")] = None,
+    proxy_old_base: Annotated[str | None, typer.Option(help="Also evaluate the proxy ensemble of --base with this old "
+                                                       "base and --proxy-old-adapter (generation, same vocabulary).")
+                              ] = None,
+    proxy_old_adapter: Annotated[Path | None, typer.Option(help="Old adapter, with --proxy-old-base.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use the first N examples.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 16,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")] = None,
@@ -49,8 +57,9 @@ def evaluate(
     from loramigrate.adapters import CONFIG
     from loramigrate.config import ModelLoadConfig
     from loramigrate.errors import ArtifactError, ConfigError
-    from loramigrate.evaluate import evaluate_pairs, read_task, with_flips
+    from loramigrate.evaluate import evaluate_pairs, read_task, with_flips, with_gap
     from loramigrate.models import resolve_model
+    from loramigrate.proxy import evaluate_proxy
 
     load = ModelLoadConfig(dtype=dtype, device=device)
     task = read_task(data, limit)
@@ -61,17 +70,22 @@ def evaluate(
             raise ArtifactError(f"{a} is not a PEFT adapter directory (no {CONFIG})")
     if (reference_base is None) != (reference_adapter is None):
         raise ConfigError("--reference-base and --reference-adapter go together")
+    if (proxy_old_base is None) != (proxy_old_adapter is None):
+        raise ConfigError("--proxy-old-base and --proxy-old-adapter go together")
     with progress_bars() as progress:
         reference = None
+        proxy = [evaluate_proxy(base, proxy_old_base, str(proxy_old_adapter), task, batch_size, load, progress)
+                 ] if proxy_old_base else []  # first: it refuses what it cannot evaluate
         if reference_base:
             ref_rows = evaluate_pairs(reference_base, [str(reference_adapter)], task, batch_size, load, progress,
                                       include_base=False)
             if not ref_rows:
                 raise ArtifactError(f"{reference_adapter} does not load on {reference_base}")
             reference = ref_rows[0]
-        rows = evaluate_pairs(base, adapters, task, batch_size, load, progress)
+        rows = evaluate_pairs(base, adapters, task, batch_size, load, progress) + proxy
     if reference is not None:
-        rows = with_flips(rows, reference)
+        rows = with_gap(with_flips(rows, reference), reference, rows[0])
+        (reference,) = with_gap([reference], reference, rows[0])
     Console().print(_table(rows, reference))
     if json_out:
         payload = {"data": str(data), "base": base, "results": [r.summary() for r in rows],

@@ -15,13 +15,17 @@ Examples:
       --steps 100 --reg-lambda 1.0 --reg-final 0.01 --target exact_match=0.85 -o runs/pair/sql/final
 
   loramigrate finetune --base models/new --init fresh --rank 16 --data train.jsonl -o runs/baselines/retrain
+
+  loramigrate finetune --base models/new --init runs/pair/sql/transfer --data prompts.jsonl --val val.jsonl \
+      --teacher old --teacher-base models/old --teacher-adapter adapters/sql -o runs/pair/sql/distilled
 """
 
 
 @handle_errors
 def finetune(
     base: Annotated[str, typer.Option(help="Base model (the new one): HF directory, .gguf file or hub id.")],
-    data: Annotated[Path, typer.Option(help="Training JSONL: prompt/completion rows, or text/label rows (a classifier).")],
+    data: Annotated[Path, typer.Option(help="Training JSONL: prompt/completion rows, or text/label rows (a classifier); "
+                                       "with --teacher, prompts or texts alone are enough.")],
     out: OutDirOpt,
     init: Annotated[str, typer.Option(help="Adapter directory to start from, or 'fresh'.")] = "fresh",
     val: Annotated[Path | None, typer.Option(help="Validation JSONL (default: the last 10 % of --data).")] = None,
@@ -52,6 +56,15 @@ def finetune(
     eval_limit: Annotated[int, typer.Option(help="Validation examples used per evaluation.")] = 100,
     target: Annotated[str | None, typer.Option(help="Stop when reached: exact_match=0.8, accuracy=0.6 or loss=0.2.")
                       ] = None,
+    teacher: Annotated[str, typer.Option(help="Distil from: none, old (old base + old adapter) or proxy (the new base "
+                                         "plus the old adapter's logit offset; generation, same vocabulary).")
+                       ] = "none",
+    teacher_base: Annotated[str | None, typer.Option(help="The old base, with --teacher.")] = None,
+    teacher_adapter: Annotated[str | None, typer.Option(help="The old adapter, with --teacher.")] = None,
+    distill_temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL (scaled by T²).")] = 1.0,
+    distill_weight: Annotated[float, typer.Option(help="loss = w·KL + (1 − w)·task loss, with --teacher.")] = 1.0,
+    teacher_new_tokens: Annotated[int, typer.Option(help="Most tokens of a teacher's completion of a prompts-only "
+                                                    "row.")] = 32,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -68,8 +81,9 @@ def finetune(
         lora_plus_ratio=lora_plus_ratio, warmup=warmup, lr_schedule=lr_schedule, reg_lambda=reg_lambda, reg_final=reg_final,
         reg_schedule=reg_schedule, reg_switch=reg_switch, reg_toward=reg_toward, rebalance=rebalance,
         restart_every=restart_every, restart_prune=restart_prune, restart_warmup=restart_warmup,
-        eval_every=eval_every, eval_limit=eval_limit, target=target, seed=seed,
-        load=ModelLoadConfig(dtype=dtype, device=device),
+        eval_every=eval_every, eval_limit=eval_limit, target=target, teacher=teacher, teacher_base=teacher_base,
+        teacher_adapter=teacher_adapter, distill_temperature=distill_temperature, distill_weight=distill_weight,
+        teacher_new_tokens=teacher_new_tokens, seed=seed, load=ModelLoadConfig(dtype=dtype, device=device),
     )
     with progress_bars() as progress:
         result = run_finetune(cfg, out, progress=progress, force=force)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ from loramigrate.config import FinetuneConfig
 from loramigrate.errors import ArtifactError, ConfigError
 from loramigrate.evaluate import METRIC, Task, read_task, task_metrics
 from loramigrate.finetune.loop import parse_target, train
-from loramigrate.finetune.objective import OBJECTIVES
+from loramigrate.finetune.objective import OBJECTIVES, Distill, mean_loss
+from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
 from loramigrate.models import load_model, load_tokenizer, new_modules, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 
@@ -34,13 +36,16 @@ def _check_lengths(tok, task: Task, max_len: int, data: str) -> None:
 def _split(cfg: FinetuneConfig) -> tuple[Task, list[dict]]:
     """The training task and the validation rows (``--val``, or the last 10 % of the data).
 
+    With a teacher, rows may lack targets, and the classes are named by every labelled row of both files.
+
     Raises:
         ArtifactError: unreadable data, or too little to hold out.
         ConfigError: validation of another kind, or with labels the training data never shows.
     """
-    train_task = read_task(cfg.data)
+    distilling = cfg.teacher != "none"
+    train_task = read_task(cfg.data, unlabelled=distilling)
     if cfg.val:
-        val = read_task(cfg.val, cfg.eval_limit)
+        val = read_task(cfg.val, cfg.eval_limit, unlabelled=distilling)
     else:
         if len(train_task.rows) < 2:
             raise ArtifactError(f"{cfg.data}: needs at least 2 examples to hold one out for validation (or give --val)")
@@ -49,6 +54,10 @@ def _split(cfg: FinetuneConfig) -> tuple[Task, list[dict]]:
         train_task = Task(train_task.kind, train_task.rows[:-cut], train_task.labels)
     if val.kind != train_task.kind:
         raise ConfigError(f"{cfg.val}: {val.kind} rows, but the training data is {train_task.kind}")
+    if distilling:  # the teacher's head knows every class, whichever file names it
+        train_task = replace(train_task, labels=sorted(set(train_task.labels) | set(val.labels)))
+        if val.kind == "classification" and not train_task.labels:
+            raise ConfigError(f"{cfg.data}: no row has a label; give labelled --val rows to name the classes")
     unseen = sorted({str(r["label"]) for r in val.rows} - set(train_task.labels)) if val.kind == "classification" else []
     if unseen:
         raise ConfigError(f"validation labels never seen in training: {', '.join(unseen[:5])}")
@@ -89,6 +98,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     prepare_output(out_dir)
     names = {"base": ref.path, "data": cfg.data, **({"val": cfg.val} if cfg.val else {}),
              **({"init": cfg.init} if cfg.init != "fresh" else {})}
+    if cfg.teacher != "none":
+        teacher_ref = check_teacher(cfg.teacher, task.kind, ref, cfg.teacher_base)
+        names |= {"teacher_base": teacher_ref.path, "teacher_adapter": cfg.teacher_adapter}
     inputs = hash_inputs(names)
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
@@ -100,6 +112,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     _check_lengths(tok, task, cfg.max_len, cfg.data)
     base = load_model(ref, cfg.load.dtype, cfg.load.device, num_labels=len(task.labels) if classification else None)
     model = _peft_model(cfg, base, classification)
+    task, val_rows, distill = _distillation(cfg, model, tok, task, val_rows, progress)
     # checkpoints live beside the output, keyed by the config, so a rerun of the same command resumes
     ckpt_dir = out_dir.with_name(f"{out_dir.name}.ckpt-{config_hash(config)[:12]}")
     if force:
@@ -107,12 +120,14 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     val_task = Task(task.kind, val_rows, task.labels)
+    kl = OBJECTIVES[task.kind](tok, task, cfg.max_len, replace(distill, weight=1.0)) if distill else None
 
     def evaluate(m) -> dict[str, float]:
         loss, correct = task_metrics(m, tok, val_task, cfg.batch_size)
-        return {"loss": loss, METRIC[task.kind]: sum(correct) / len(correct)}
+        return {"loss": loss, METRIC[task.kind]: sum(correct) / len(correct),
+                **({"kl": mean_loss(kl, m, val_rows, cfg.batch_size)} if kl else {})}
 
-    batch_loss = OBJECTIVES[task.kind](tok, task, cfg.max_len)
+    batch_loss = OBJECTIVES[task.kind](tok, task, cfg.max_len, distill)
     with stage_output(out_dir, STAGE, config, inputs) as run:
         try:
             history, hit = train(model, task.rows, cfg, batch_loss, evaluate, ckpt_dir, progress)
@@ -128,6 +143,21 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
         run.extra["final"] = next((r for r in reversed(history) if "val_loss" in r), None)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return out_dir
+
+
+def _distillation(cfg: FinetuneConfig, student, tok, task: Task, val_rows: list[dict], progress: ProgressFn
+                  ) -> tuple[Task, list[dict], Distill | None]:
+    """Load the teacher and give every row without a target the teacher's (once, kept in memory: a resumed
+    run recomputes the same greedy targets). Without a teacher, the data as it is."""
+    if cfg.teacher == "none":
+        return task, val_rows, None
+    teacher = load_teacher(cfg.teacher, cfg.teacher_base, cfg.teacher_adapter, task, cfg.load)
+
+    def fill(rows: list[dict], what: str) -> list[dict]:
+        return fill_targets(teacher, student, tok, task, rows, cfg.max_len, cfg.teacher_new_tokens, cfg.batch_size,
+                            progress, what)
+    task = replace(task, rows=fill(task.rows, "training"))
+    return task, fill(val_rows, "validation"), Distill(teacher.logits, cfg.distill_temperature, cfg.distill_weight)
 
 
 def plot_curve(history: list[dict], path: Path) -> None:
