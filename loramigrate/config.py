@@ -63,7 +63,10 @@ class TransferConfig(_Config):
     prompt_limit: int = Field(256, ge=1)  # first N rows of `prompts`
     max_len: int = Field(128, ge=4)
     batch_size: int = Field(16, ge=1)
-    fit_steps: int = Field(30, ge=0)  # Adam steps per block (full passes over the prompts)
+    # block: Adam on every LoRA factor of a block (backprop through that block alone); rrr: closed-form
+    # reduced-rank regression of the residual writers o/down (forward passes only; pre-norm models)
+    fit_solver: Literal["block", "rrr"] = "block"
+    fit_steps: int = Field(30, ge=0)  # Adam steps per block (full passes over the prompts; block solver)
     fit_lr: float = Field(1e-3, gt=0)
     fit_heads: bool = True  # ridge-refit saved linear heads (pooler, classifier) to the old pair's outputs
     load: ModelLoadConfig = ModelLoadConfig()

@@ -9,7 +9,7 @@ from peft import PeftModel
 from typer.testing import CliRunner
 
 from loramigrate.cli.main import app
-from loramigrate.transfer.data_aware import ridge_fit
+from loramigrate.transfer.data_aware import reduced_rank_fit, ridge_fit
 from tests.conftest import shape_pair
 from tests.helpers import WORDS, make_lora
 
@@ -96,3 +96,38 @@ def test_bad_prompts_fail_cleanly_and_write_nothing(tiny_models, tmp_path, conte
                  "-o", tmp_path / "t", ok=False)
     assert result.exit_code == 1 and message in result.output
     assert not (tmp_path / "t").exists() and not list(tmp_path.glob("t.tmp-*"))
+
+
+def test_reduced_rank_fit_is_least_squares_at_full_rank_and_optimal_below():
+    g = torch.Generator().manual_seed(1)
+    z, w = torch.randn(400, 8, generator=g), torch.randn(6, 8, generator=g)
+    y = z @ w.T + 0.01 * torch.randn(400, 6, generator=g)
+    b, a = reduced_rank_fit(z, y, rank=6)
+    direct = torch.linalg.lstsq(z.double(), y.double()).solution.T.float()
+    assert torch.allclose(b @ a, direct, atol=1e-3)
+    b2, a2 = reduced_rank_fit(z, y, rank=2)
+    u, s, vh = torch.linalg.svd(direct)
+    truncated = (u[:, :2] * s[:2]) @ vh[:2]  # another rank-2 candidate: the truncated least-squares map
+    err = lambda m: float((z @ m.T - y).pow(2).sum())  # noqa: E731
+    assert err(b2 @ a2) <= err(truncated) + 1e-4
+
+
+def test_solver_choices_match_the_registry():
+    from typing import get_args
+
+    from loramigrate.config import TransferConfig
+    from loramigrate.transfer.data_aware import SOLVERS
+
+    assert set(get_args(TransferConfig.model_fields["fit_solver"].annotation)) == set(SOLVERS)
+
+
+def test_rrr_solver_never_lowers_the_effect_fit(tmp_path):
+    old, new = shape_pair(tmp_path, {"hidden": 32, "layers": 2}, {"hidden": 48, "layers": 2})
+    cli("align", "--old", old, "--new", new, "--per-layer-transfer", "-o", tmp_path / "align")
+    adapter = make_lora(old, tmp_path / "lora", targets=ALL, r=4, alpha=16)
+    out = tmp_path / "t"
+    cli("transfer", "--align", tmp_path / "align", "--adapter", adapter, "--prompts", prompts_file(tmp_path / "p.jsonl"),
+        "--fit-solver", "rrr", "-o", out)
+    rows = [r for r in fit_report(out)["layers"] if "effect_r2_after" in r]
+    assert rows and all(r["effect_r2_after"] >= r["effect_r2_before"] for r in rows)
+    assert max(r["effect_r2_after"] - r["effect_r2_before"] for r in rows) > 0.05

@@ -44,6 +44,9 @@ def transfer(
     prompt_limit: Annotated[int, typer.Option(help="Rows of --prompts used.")] = 256,
     max_len: Annotated[int, typer.Option(help="Tokens per prompt.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    fit_solver: Annotated[str, typer.Option(
+        help="Data-aware fit: block (Adam on each block's factors) or rrr (closed-form o/down, pre-norm models).")
+    ] = "block",
     fit_steps: Annotated[int, typer.Option(help="Adam steps per block of the data-aware fit.")] = 30,
     fit_lr: Annotated[float, typer.Option(help="Learning rate of the data-aware fit.")] = 1e-3,
     fit_heads: Annotated[bool, typer.Option(help="Refit saved linear heads to the old pair's outputs.")] = True,
@@ -58,7 +61,8 @@ def transfer(
     cfg = TransferConfig(align=str(align), adapter=str(adapter), rank=_rank(rank), energy=energy,
                          keep_norm_ratio=keep_norm_ratio, fill=fill, verify=verify,
                          prompts=str(prompts) if prompts else None, prompt_limit=prompt_limit, max_len=max_len,
-                         batch_size=batch_size, fit_steps=fit_steps, fit_lr=fit_lr, fit_heads=fit_heads,
+                         batch_size=batch_size, fit_solver=fit_solver, fit_steps=fit_steps, fit_lr=fit_lr,
+                         fit_heads=fit_heads,
                          load=ModelLoadConfig(dtype=dtype, device=device))
     with progress_bars() as progress:
         result = run_transfer(cfg, out, force=force, progress=progress)

@@ -27,8 +27,9 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from loramigrate.arch import model_spec
-from loramigrate.errors import ArtifactError
+from loramigrate.errors import ArtifactError, ConfigError
 from loramigrate.progress import ProgressFn, no_progress
+from loramigrate.transfer.core import refactor
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ Call = tuple[tuple, dict]  # the (args, kwargs) a block was called with
 
 @dataclass(frozen=True)
 class FitOptions:
-    steps: int = 30  # Adam steps per block (each a full pass over the cached prompts)
+    solver: str = "block"  # a key of SOLVERS
+    steps: int = 30  # Adam steps per block (each a full pass over the cached prompts; block solver)
     lr: float = 1e-3
     fit_heads: bool = True
 
@@ -104,9 +106,11 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float, bias: bool = False
     x = x.double()
     if bias:
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-    gram = x.T @ x
-    lam = ridge * float(gram.diagonal().mean()) + 1e-12
-    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=x.dtype), x.T @ y.double()).T.float()
+    n, d = x.shape
+    lam = ridge * float(x.pow(2).sum()) / d + 1e-12
+    if n < d:  # fewer rows than inputs: the n × n dual system, W = yᵀ (x xᵀ + λI)⁻¹ x
+        return (torch.linalg.solve(x @ x.T + lam * torch.eye(n, dtype=x.dtype), y.double()).T @ x).float()
+    return torch.linalg.solve(x.T @ x + lam * torch.eye(d, dtype=x.dtype), x.T @ y.double()).T.float()
 
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -158,45 +162,117 @@ def _masked_sq(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (diff.pow(2).sum(-1) * mask).sum()
 
 
-def fit_block(block: nn.Module, calls: list[Call], inputs: list[torch.Tensor], targets: list[torch.Tensor],
-              base_out: list[torch.Tensor], masks: list[torch.Tensor], opts: FitOptions) -> tuple[float, float]:
-    """Adam on the block's LoRA factors toward ``targets``, keeping the best factors seen (never worse
-    than the start); returns the effect R² before and after.
+@dataclass
+class BlockFit:
+    """One block's fitting problem, per batch: its calls, the migrated inputs, the targets, the new
+    base's own output and the kept positions; ``writers`` are the block-relative paths of its adapted
+    residual writers (o, down), in forward order."""
+
+    block: nn.Module
+    calls: list[Call]
+    inputs: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    base_out: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    writers: list[str]
+
+    def batches(self):
+        return zip(self.calls, self.inputs, self.targets, self.masks, strict=True)
+
+    def energy(self) -> float:
+        return max(sum(float(_masked_sq(t - b, m)) for t, b, m in zip(self.targets, self.base_out, self.masks,
+                                                                         strict=True)), 1e-30)
+
+    @torch.no_grad()
+    def error(self) -> float:
+        return sum(float(_masked_sq(_run_block(self.block, c, x) - t, m)) for c, x, t, m in self.batches())
+
+
+def solve_adam(fit: BlockFit, opts: FitOptions) -> None:
+    """``opts.steps`` full-batch Adam steps on every LoRA factor of the block (backprop through it alone),
+    keeping the best factors seen: Adam jitters near an optimum."""
+    params = _lora_params(fit.block)
+    energy = fit.energy()
+    opt = torch.optim.Adam(params, lr=opts.lr)
+    best, best_state = float("inf"), None
+    for _ in range(opts.steps):
+        opt.zero_grad()
+        loss = 0.0
+        for c, x, t, m in fit.batches():
+            part = _masked_sq(_run_block(fit.block, c, x) - t, m)
+            (part / energy).backward()
+            loss += float(part.detach())
+        if loss < best:  # the loss of the factors before this step
+            best, best_state = loss, [p.detach().clone() for p in params]
+        opt.step()
+    if best_state is not None and fit.error() > best:
+        _restore(params, best_state)
+
+
+def reduced_rank_fit(z: torch.Tensor, y: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (b: d_out × r, a: r × d_in) of the rank-r W minimising ‖z Wᵀ − y‖² (reduced-rank
+    regression): the ridge least-squares W projected onto the top-r directions of its fitted values."""
+    w, _ = ridge_select(z, y)
+    v = torch.linalg.svd((z @ w.T).double(), full_matrices=False).Vh[:rank].T.float()
+    return v, v.T @ w
+
+
+def _writer_io(fit: BlockFit, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of the block's module ``path`` and the block's outputs, over the kept positions."""
+    seen: list[torch.Tensor] = []
+    handle = fit.block.get_submodule(path).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    outs = []
+    try:
+        with torch.no_grad():
+            for c, x, _t, m in fit.batches():
+                outs.append(_tokens(_run_block(fit.block, c, x), m))
+                seen[-1] = _tokens(seen[-1], m)
+    finally:
+        handle.remove()
+    return torch.cat(seen), torch.cat(outs)
+
+
+def solve_rrr(fit: BlockFit, opts: FitOptions) -> None:
+    """Closed form, forward passes only: each residual writer (o, then down) takes the rank-r map from
+    its inputs to what the block's output still lacks, the others keep their weight-space transfer.
+    Exact for down in a pre-norm block; o ignores how the MLP reacts to its change."""
+    target = torch.cat([_tokens(t, m) for t, m in zip(fit.targets, fit.masks, strict=True)])
+    for path in fit.writers:
+        lora = fit.block.get_submodule(path)
+        a, b, scale = lora.lora_A["default"].weight, lora.lora_B["default"].weight, lora.scaling["default"]
+        z, out = _writer_io(fit, path)
+        current = scale * (z @ a.detach().T) @ b.detach().T
+        v, w = reduced_rank_fit(z, target - out + current, a.shape[0])
+        b_k, a_k, _ = refactor(v, w / scale, rank=a.shape[0])
+        with torch.no_grad():
+            b.copy_(b_k.to(b.dtype))
+            a.copy_(a_k.to(a.dtype))
+
+
+SOLVERS = {"block": solve_adam, "rrr": solve_rrr}
+
+
+def _restore(params: list[nn.Parameter], saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, value in zip(params, saved, strict=True):
+            p.copy_(value)
+
+
+def fit_block(fit: BlockFit, opts: FitOptions) -> tuple[float, float]:
+    """Run the solver, never ending worse than the start; returns the effect R² before and after.
 
     R² = 1 − ‖out − target‖² / ‖target − base_out‖² over the kept positions: 1 means the block moves
     its output exactly by the target effect, 0 no better than no adapter at all.
     """
-    params = _lora_params(block)
-    energy = sum(float(_masked_sq(t - b, m)) for t, b, m in zip(targets, base_out, masks, strict=True))
-    energy = max(energy, 1e-30)
-
-    def error() -> float:
-        with torch.no_grad():
-            return sum(float(_masked_sq(_run_block(block, c, x) - t, m))
-                       for c, x, t, m in zip(calls, inputs, targets, masks, strict=True))
-
-    first = error()
-    best, best_state = first, [p.detach().clone() for p in params]
-    if opts.steps and params:
-        opt = torch.optim.Adam(params, lr=opts.lr)
-        for _ in range(opts.steps):
-            opt.zero_grad()
-            loss = 0.0
-            for c, x, t, m in zip(calls, inputs, targets, masks, strict=True):
-                part = _masked_sq(_run_block(block, c, x) - t, m)
-                (part / energy).backward()
-                loss += float(part.detach())
-            if loss < best:  # the loss of the factors before this step; Adam jitters near an optimum
-                best, best_state = loss, [p.detach().clone() for p in params]
-            opt.step()
-        last = error()
-        if last < best:
-            best = last
-        else:
-            with torch.no_grad():
-                for p, saved in zip(params, best_state, strict=True):
-                    p.copy_(saved)
-    return 1 - first / energy, 1 - best / energy
+    params = _lora_params(fit.block)
+    energy, first = fit.energy(), fit.error()
+    start = [p.detach().clone() for p in params]
+    SOLVERS[opts.solver](fit, opts)
+    last = fit.error()
+    if last > first:
+        _restore(params, start)
+        last = first
+    return 1 - first / energy, 1 - last / energy
 
 
 def migrate_layers(new_model: nn.Module, batches: list[Batch], layer_map: list[int | None],
@@ -207,6 +283,11 @@ def migrate_layers(new_model: nn.Module, batches: list[Batch], layer_map: list[i
     Returns one report row per new layer: source layer, T_j fit R², effect R² before and after.
     """
     blocks = blocks_of(new_model)
+    spec = model_spec(new_model.get_base_model())
+    if opts.solver == "rrr" and not spec.norms:
+        raise ConfigError("the rrr solver needs pre-norm blocks (o/down write into the residual stream); "
+                          f"{spec.model_type} is post-norm: use the block solver")
+    writers = [spec.modules[r] for r in ("o", "down") if r in spec.modules]
     masks = [b["attention_mask"].float() for b in batches]
     with new_model.disable_adapter():
         ios = [block_io(new_model, b) for b in batches]
@@ -232,8 +313,10 @@ def migrate_layers(new_model: nn.Module, batches: list[Batch], layer_map: list[i
         if params:
             for p in params:
                 p.requires_grad_(True)
+            fit = BlockFit(block, calls[j], x_mig, targets, base_out, masks,
+                           [w for w in writers if hasattr(block.get_submodule(w), "lora_A")])
             with torch.enable_grad():
-                before, after = fit_block(block, calls[j], x_mig, targets, base_out, masks, opts)
+                before, after = fit_block(fit, opts)
             for p in params:
                 p.requires_grad_(False)
             row.update(effect_r2_before=round(before, 4), effect_r2_after=round(after, 4))

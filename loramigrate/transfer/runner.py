@@ -204,7 +204,7 @@ def _fit_with_data(cfg: TransferConfig, alignment: Alignment, adapter: LoraAdapt
     dev = next(new_model.parameters()).device
     batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
     heads = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in result.extra))
-    opts = FitOptions(steps=cfg.fit_steps, lr=cfg.fit_lr, fit_heads=cfg.fit_heads)
+    opts = FitOptions(solver=cfg.fit_solver, steps=cfg.fit_steps, lr=cfg.fit_lr, fit_heads=cfg.fit_heads)
     report = data_aware_transfer(old_model, new_model, batches, alignment.layer_map, heads, opts,
                                  max_head_out=alignment.new.vocab_size - 1, progress=progress)
     inner = new_model.get_base_model()
