@@ -95,7 +95,7 @@ def _migrate(recipe: Recipe, r: AdapterRun, base: Path, forced: set[str], progre
     align = str(r.dirs["align"])
     r.dirs["transfer"] = init = base / "transfer"
     r.ran["transfer"] = _stage(init, run_transfer, recipe.transfer_config(align, r.source), init,
-                               force="transfer" in forced)
+                               force="transfer" in forced, progress=progress)
     if recipe.search is not None:
         r.dirs["search"] = out = base / "search"
         r.ran["search"] = _stage(out, run_search, recipe.search_config(align, str(init)), out, progress,
