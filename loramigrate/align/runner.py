@@ -29,12 +29,12 @@ def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progres
     texts = read_calibration(calib_path)
     names = {"old": old_ref.path, "new": new_ref.path, "calib": str(calib_path)}
     prepare_output(out_dir, inputs=names.values())
+    inputs = hash_inputs(names)
+    config = cfg.model_dump()
+    if not force and is_up_to_date(out_dir, STAGE, config, inputs):  # reading needs no lock: a fleet shares it
+        log.info("%s is up to date; skipping align (use --force to redo)", out_dir)
+        return out_dir
     with output_lock(out_dir):
-        inputs = hash_inputs(names)
-        config = cfg.model_dump()
-        if not force and is_up_to_date(out_dir, STAGE, config, inputs):
-            log.info("%s is up to date; skipping align (use --force to redo)", out_dir)
-            return out_dir
         log.info("align config:\n%s", yaml.safe_dump(config, sort_keys=False))
         old_tok, new_tok = load_tokenizer(old_ref), load_tokenizer(new_ref)
         old = load_model(old_ref, cfg.load.dtype, cfg.load.device)

@@ -119,12 +119,12 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
         teacher_ref = check_teacher(cfg.teacher, task.kind, ref, cfg.teacher_base)
         names |= {"teacher_base": teacher_ref.path, "teacher_adapter": cfg.teacher_adapter}
     prepare_output(out_dir, inputs=names.values())
+    inputs = hash_inputs(names)
+    config = cfg.model_dump()
+    if not force and is_up_to_date(out_dir, STAGE, config, inputs):
+        log.info("%s is up to date; skipping finetune (use --force to redo)", out_dir)
+        return out_dir
     with output_lock(out_dir):
-        inputs = hash_inputs(names)
-        config = cfg.model_dump()
-        if not force and is_up_to_date(out_dir, STAGE, config, inputs):
-            log.info("%s is up to date; skipping finetune (use --force to redo)", out_dir)
-            return out_dir
         log.info("finetune config:\n%s", yaml.safe_dump(config, sort_keys=False))
         ckpt_dir = checkpoint_dir(out_dir, config, inputs, fresh=force)
         _finetune(cfg, ref, task, val_rows, out_dir, ckpt_dir, inputs, progress)
