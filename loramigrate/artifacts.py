@@ -26,6 +26,7 @@ from typing import Any
 
 from loramigrate import __version__
 from loramigrate.errors import ArtifactError
+from loramigrate.models import resolved_load
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,6 @@ class StageRun:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def manifest(self) -> dict[str, Any]:
-        from loramigrate.models import resolved_load
-
         return {
             "stage": self.stage,
             "schema": SCHEMAS[self.stage],

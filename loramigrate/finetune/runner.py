@@ -28,7 +28,7 @@ from loramigrate.evaluate import METRIC, Task, read_task, task_metrics
 from loramigrate.finetune.loop import train
 from loramigrate.finetune.objective import OBJECTIVES, Distill, mean_loss
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
-from loramigrate.models import load_model, load_tokenizer, new_modules, resolve_model
+from loramigrate.models import ModelRef, load_model, load_tokenizer, new_modules, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def checkpoint_dir(out_dir: Path, config: dict, inputs: dict[str, dict[str, str]
     return ckpt
 
 
-def _finetune(cfg: FinetuneConfig, ref, task: Task, val_rows: list[dict], out_dir: Path, ckpt_dir: Path,
+def _finetune(cfg: FinetuneConfig, ref: ModelRef, task: Task, val_rows: list[dict], out_dir: Path, ckpt_dir: Path,
               inputs: dict[str, dict[str, str]], progress: ProgressFn) -> None:
     """Load, train with checkpoints in ``ckpt_dir``, and write the adapter into ``out_dir``."""
     classification = task.kind == "classification"
