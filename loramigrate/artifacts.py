@@ -1,12 +1,15 @@
 """Stage directories: self-describing manifests, content hashes, atomic writes, resume checks.
 
 A stage writes into ``<out>.tmp-<pid>`` and renames it to ``<out>`` only after the manifest is
-written, so a directory named like the output is always complete.
+written, so a directory named like the output is always complete. While it writes, it holds
+``<out>.lock``, so a second process writing the same output fails at once instead of mixing files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -15,7 +18,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,11 +26,15 @@ from typing import Any
 
 from loramigrate import __version__
 from loramigrate.errors import ArtifactError
+from loramigrate.models import resolved_load
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
+# the format of each stage's directory: bump a stage's number when what it writes changes meaning, so
+# that directories of that stage written before are redone, and a mere release invalidates nothing
+SCHEMAS = {"align": 1, "transfer": 1, "search": 1, "finetune": 1, "eval": 1}
 
 
 def sha256_file(path: Path) -> str:
@@ -86,10 +93,10 @@ def check_stage(stage_dir: Path, stage: str) -> dict[str, Any]:
     manifest = read_manifest(stage_dir)
     if manifest.get("stage") != stage:
         raise ArtifactError(f"{stage_dir} holds a '{manifest.get('stage')}' stage, expected '{stage}'")
-    if manifest.get("version") != __version__:
+    if manifest.get("schema") != SCHEMAS[stage]:
         raise ArtifactError(
-            f"{stage_dir} was written by loramigrate {manifest.get('version')}, this is {__version__}; "
-            "rerun its stage"
+            f"{stage_dir} holds a {stage} directory of format {manifest.get('schema', 'unrecorded')} (loramigrate "
+            f"{manifest.get('version')}); this loramigrate reads format {SCHEMAS[stage]}; rerun its stage"
         )
     return manifest
 
@@ -108,9 +115,11 @@ class StageRun:
     def manifest(self) -> dict[str, Any]:
         return {
             "stage": self.stage,
+            "schema": SCHEMAS[self.stage],
             "version": __version__,
             "config": self.config,
             "config_hash": config_hash(self.config),
+            "runtime": resolved_load(**self.config.get("load", {})),  # what "auto" meant on this machine
             "inputs": self.inputs,
             "command": sys.argv,
             "started": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
@@ -121,11 +130,15 @@ class StageRun:
         }
 
 
-def prepare_output(out_dir: Path, allow: tuple[str, ...] = ()) -> None:
+def prepare_output(out_dir: Path, allow: tuple[str, ...] = (), inputs: Iterable[str | Path] = ()) -> None:
     """Fail before any heavy work if the output path cannot become a stage directory.
 
-    ``allow`` names files a stage keeps in its output directory while it runs (search's study).
+    ``allow`` names files a stage keeps in its output directory while it runs (search's study);
+    ``inputs`` are the paths the stage reads (hub ids among them are skipped), which its output must not overlap.
     """
+    refuse_overlap(out_dir, [p for p in inputs if Path(p).exists()])
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise ArtifactError(f"output path {out_dir} is a dangling symlink; remove it or choose another path")
     if out_dir.exists() and not out_dir.is_dir():
         raise ArtifactError(f"output path {out_dir} is a file; choose a directory path")
     own = (MANIFEST, *allow)
@@ -135,6 +148,20 @@ def prepare_output(out_dir: Path, allow: tuple[str, ...] = ()) -> None:
     parent = out_dir.parent
     if parent.exists() and not parent.is_dir():
         raise ArtifactError(f"cannot create {out_dir}: {parent} is a file")
+
+
+def refuse_overlap(out_dir: Path, inputs: Iterable[str | Path]) -> None:
+    """An output inside an input would be written into it (a model, an adapter, an alignment), and an input
+    inside the output would be deleted when the output is replaced.
+
+    Raises:
+        ArtifactError: ``out_dir`` and an input are the same path or one holds the other.
+    """
+    out = Path(out_dir).resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise ArtifactError(f"output {out_dir} overlaps the input {given}; choose an output outside every input")
 
 
 def is_up_to_date(out_dir: Path, stage: str, config: Mapping[str, Any], inputs: Mapping[str, dict[str, str]]) -> bool:
@@ -154,6 +181,75 @@ def is_up_to_date(out_dir: Path, stage: str, config: Mapping[str, Any], inputs: 
     return set(recorded) == set(inputs) and all(recorded[k].get("sha256") == v["sha256"] for k, v in inputs.items())
 
 
+_HELD: set[Path] = set()  # outputs this process holds the lock of; a runner's stage_output re-enters it
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``<out>.lock`` (an flock, released by the kernel even on kill -9) while writing ``out_dir``, and
+    first remove what dead processes left beside it; re-entrant within a process.
+
+    Raises:
+        ArtifactError: another process holds the lock, or the lock cannot be created there.
+    """
+    key = Path(out_dir).absolute()
+    if key in _HELD:
+        yield
+        return
+    path = key.with_name(f"{key.name}.lock")
+    fd = _lock(path, out_dir)
+    _HELD.add(key)
+    try:
+        remove_leftovers(key)
+        yield
+    finally:
+        _HELD.discard(key)
+        path.unlink(missing_ok=True)  # before closing: a process waiting on this inode retries on a new one
+        os.close(fd)
+
+
+def _lock(path: Path, out_dir: Path) -> int:
+    """The descriptor of the locked ``path``, which then names this process's pid."""
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ArtifactError(f"cannot write beside {out_dir}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode().strip() or "unknown"
+            os.close(fd)
+            raise ArtifactError(f"another loramigrate process is writing {out_dir} (pid {holder})") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # else its holder unlinked it as we opened it
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+        os.close(fd)
+
+
+def remove_leftovers(out_dir: Path) -> None:
+    """Remove the ``<out>.tmp-<pid>`` and ``<out>.old-<pid>`` directories of processes that died writing
+    ``out_dir`` (a kill between creating and publishing them)."""
+    for p in out_dir.parent.glob(f"{glob.escape(out_dir.name)}.*-*"):
+        kind, _, pid = p.name[len(out_dir.name) + 1:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by process %s, which is gone", p, pid)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def stage_output(
     out_dir: Path, stage: str, config: dict[str, Any], inputs: dict[str, dict[str, str]], allow: tuple[str, ...] = ()
@@ -163,23 +259,28 @@ def stage_output(
     On any exception the temporary directory is removed and ``out_dir`` is left as it was.
     """
     out_dir = Path(out_dir)
-    prepare_output(out_dir, allow)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    run = StageRun(stage=stage, config=config, inputs=inputs, tmp_dir=tmp)
-    try:
-        yield run
-        (tmp / MANIFEST).write_text(json.dumps(run.manifest(), indent=2))
-        if out_dir.exists():
-            old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
+    prepare_output(out_dir, allow, [v["path"] for v in inputs.values()])
+    with output_lock(out_dir):
+        tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.mkdir()
+        run = StageRun(stage=stage, config=config, inputs=inputs, tmp_dir=tmp)
+        try:
+            yield run
+            (tmp / MANIFEST).write_text(json.dumps(run.manifest(), indent=2))
+            _publish(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info("wrote %s", out_dir)
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``, replacing a previous output only once the new one is complete."""
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+    out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old)

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+METRICS = ("loss", "exact_match", "accuracy")
+
+
+def parse_target(text: str | None) -> tuple[str, float] | None:
+    """``"exact_match=0.8"`` → ("exact_match", 0.8).
+
+    Raises:
+        ValueError: another form, metric, or a value that is not a finite number.
+    """
+    if not text:
+        return None
+    name, _, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if name.strip() not in METRICS or not math.isfinite(number):
+        raise ValueError(f"{text!r}: expected METRIC=VALUE with METRIC one of {', '.join(METRICS)}")
+    return name.strip(), number
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # every option is checked here, before any work: a typo, a range or a non-finite number fails as one line
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ModelLoadConfig(_Config):
@@ -52,7 +74,7 @@ class TransferConfig(_Config):
 
     align: str  # align stage directory
     adapter: str  # old PEFT LoRA directory
-    rank: int | Literal["auto"] | None = None  # None: each module keeps its rank; auto: keep `energy`
+    rank: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None  # None: each keeps its rank; auto: `energy`
     energy: float = Field(0.99, gt=0, le=1)  # fraction of Σσ² kept by rank=auto
     keep_norm_ratio: bool = True  # rescale so ‖ΔW‖/‖W‖ matches the old module's
     fill: Literal["none", "nearest", "interpolate"] = "none"  # new layers that have no source layer
@@ -114,11 +136,24 @@ class FinetuneConfig(_Config):
     seed: int = 0
     load: ModelLoadConfig = ModelLoadConfig()
 
+    @field_validator("target")
+    @classmethod
+    def _target_parses(cls, value: str | None) -> str | None:
+        parse_target(value)
+        return value
+
     @model_validator(mode="after")
     def _teacher_needs_the_old_pair(self) -> FinetuneConfig:
         if self.teacher != "none" and not (self.teacher_base and self.teacher_adapter):
             raise ValueError(f"teacher '{self.teacher}' needs teacher_base and teacher_adapter (the old base and adapter)")
         return self
+
+
+class EvalConfig(_Config):
+    """Options of an evaluation (the eval command, a recipe's eval section)."""
+
+    limit: int | None = Field(None, ge=1)  # first N test examples
+    batch_size: int = Field(16, ge=1)
 
 
 class SearchConfig(_Config):

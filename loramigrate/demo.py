@@ -53,5 +53,5 @@ def run_demo(out_dir: Path, progress: ProgressFn = no_progress) -> tuple[list[Ad
     run_finetune(FinetuneConfig(base=str(cache / "models" / "minilm-l3"), data=str(data / "train.jsonl"),
                                 val=str(data / "val.jsonl"), rank=8, alpha=16, steps=80, batch_size=32, lr=2e-3,
                                 eval_every=80, eval_limit=100), old_adapter, progress)
-    recipe = load_recipe(RECIPE, [*BUDGET, f"adapters=['{old_adapter}']"])
+    recipe = load_recipe(RECIPE, BUDGET, [str(old_adapter)])
     return timed_run(recipe, out_dir, progress=progress)

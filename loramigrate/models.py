@@ -75,6 +75,12 @@ def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def resolved_load(dtype: Dtype = "auto", device: Device = "auto") -> dict[str, str]:
+    """The dtype and device a model loads with on this machine, ``auto`` resolved, for manifests."""
+    dev = resolve_device(device)
+    return {"dtype": str(resolve_dtype(dtype, dev)).removeprefix("torch."), "device": dev.type}
+
+
 def _is_causal_lm(ref: ModelRef) -> bool:
     if ref.gguf_file:
         return True  # GGUF checkpoints that transformers reads are all decoder LMs

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramigrate.align import run_align
-from loramigrate.artifacts import hash_inputs, is_up_to_date, read_manifest, stage_output
+from loramigrate.artifacts import hash_inputs, is_up_to_date, read_manifest, refuse_overlap, stage_output
 from loramigrate.config import ModelLoadConfig
 from loramigrate.errors import ConfigError
 from loramigrate.evaluate import EvalResult, evaluate_pairs, read_task, with_flips, with_gap
@@ -81,6 +82,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, force_from: str | None = None, ali
     read_task(recipe.data.test, 1)  # fail on unreadable data before any heavy work
     run_dir = Path(run_dir)
     align_out = Path(align_dir) if align_dir else run_dir / "align"
+    for name in names:  # e.g. an adapter named `align` would write its stages into the alignment
+        refuse_overlap(run_dir / name, [align_out, *recipe.adapters])
     align_ran = _stage(align_out, run_align, recipe.align_config(), align_out, progress, force="align" in forced)
     runs = []
     for name, source in zip(names, recipe.adapters, strict=True):
@@ -196,7 +199,7 @@ def write_report(recipe: Recipe, runs: list[AdapterRun], run_dir: Path, elapsed:
         summary["adapters"][r.name] = {"final": str(r.final), "results": r.results, "stages": costs}
     report = run_dir / "report.md"
     for path, text in ((report, "\n".join(lines)), (run_dir / "summary.json", json.dumps(summary, indent=2))):
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # concurrent runs never share a temp file
         tmp.write_text(text)
         tmp.replace(path)
     return report

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from loramigrate.config import AlignConfig, FinetuneConfig, SearchConfig, TransferConfig, _Config
+from loramigrate.config import AlignConfig, EvalConfig, FinetuneConfig, SearchConfig, TransferConfig, _Config
 from loramigrate.errors import ConfigError
 
 STAGES = ("align", "transfer", "search", "finetune", "eval")
@@ -53,11 +53,6 @@ class TaskData(_Config):
     _paths = field_validator("train", "val", "test", mode="before")(lambda cls, v: _expand(v))
 
 
-class EvalOptions(_Config):
-    limit: int | None = Field(None, ge=1)  # first N test examples
-    batch_size: int = Field(16, ge=1)
-
-
 class Recipe(_Config):
     """A migration of one or more adapters across one base pair."""
 
@@ -71,7 +66,7 @@ class Recipe(_Config):
     transfer: dict[str, Any] = {}
     search: dict[str, Any] | None = {}  # null: skip the stage (finetune starts from the transfer)
     finetune: dict[str, Any] | None = {}  # null: skip the stage (the final adapter is the search's or transfer's)
-    eval: EvalOptions = EvalOptions()
+    eval: EvalConfig = EvalConfig()
 
     _paths = field_validator("old", "new", mode="before")(lambda cls, v: _expand(v))
 
@@ -136,12 +131,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read and validate a recipe, with ``--set`` overrides applied first.
+def load_recipe(path: str | Path, overrides: list[str] = (), adapters: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe, with ``--set`` overrides applied first and ``adapters`` (paths, taken
+    as they are) replacing the recipe's.
 
     Raises:
         ConfigError: unreadable YAML or invalid content, naming the field.
@@ -153,8 +152,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise ConfigError(f"cannot read recipe {path}: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path}: expected a mapping of sections")
+    raw = apply_overrides(raw, list(overrides))
+    if adapters is not None:
+        raw["adapters"] = adapters
     try:
-        return Recipe.model_validate(apply_overrides(raw, list(overrides)))
+        return Recipe.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"recipe {path}: {problems}") from None

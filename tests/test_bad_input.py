@@ -1,26 +1,44 @@
-"""Bad input to `align`: one red line naming the problem, exit code 1, nothing written."""
+"""Bad input to every command but search: one red line naming the problem, exit code 1, nothing written
+and no input changed.
+
+    pytest tests/test_bad_input.py
+"""
+
+import json
 
 import pytest
+import torch
 import transformers
+import yaml
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from loramigrate.cli.main import app
-from tests.helpers import WORDS, build, make_tokenizer, save, tiny_config
+from tests.helpers import WORDS, build, make_lora, make_tiny, make_tokenizer, save, tiny_config
 
 runner = CliRunner()
 
 
-def fails(tmp_path, old, new, *extra, match: str):
-    out = tmp_path / "out"
-    before = set(tmp_path.rglob("*"))
-    result = runner.invoke(app, ["align", "--old", str(old), "--new", str(new), "-o", str(out), *extra])
+def snapshot(*dirs):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for d in dirs for p in sorted(d.rglob("*")) if p.is_file()
+            } | {p: None for d in dirs for p in d.rglob("*") if not p.is_file()}
+
+
+def refused(args: list[str], match: str, *watched):
+    """Invoke the CLI and check the error contract; ``watched`` directories must be left as they were."""
+    before = snapshot(*watched)
+    result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output
     lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error:"), result.stderr
-    assert match in result.stderr, result.stderr
+    assert lines and lines[-1].startswith("error:"), result.stderr  # after the INFO log of a stage that started
+    assert match in " ".join(result.stderr.split()), result.stderr
     assert "Traceback" not in result.output
-    assert set(tmp_path.rglob("*")) == before  # no output directory, no temp directory
+    assert snapshot(*watched) == before  # no output, no temp directory, no input touched
     assert result.stdout == ""
+
+
+def fails(tmp_path, old, new, *extra, match: str):
+    refused(["align", "--old", str(old), "--new", str(new), "-o", str(tmp_path / "out"), *extra], match, tmp_path)
 
 
 def test_missing_model_dir(tiny_models, tmp_path):
@@ -87,3 +105,144 @@ def test_debug_env_shows_the_traceback(tiny_models, tmp_path, monkeypatch):
     result = runner.invoke(app, ["align", "--old", str(tmp_path / "nope"), "--new", str(tiny_models["llama"]),
                                  "-o", str(tmp_path / "o")])
     assert result.exit_code != 0 and result.exception is not None
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """One of each input the commands read, in a directory the table checks is never changed."""
+    root = tmp_path_factory.mktemp("inputs")
+    model = make_tiny("llama", root / "model")
+    adapter = make_lora(model, root / "adapter", targets=["q_proj", "v_proj"])
+    nan = make_lora(model, root / "nan", targets=["q_proj", "v_proj"])
+    weights = load_file(nan / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, nan / "adapter_model.safetensors")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{w} {w}", "completion": " water"}) + "\n" for w in WORDS[:20]))
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "bad", "old": str(root / "no-old"), "new": str(root / "no-new"),
+                                      "adapters": [str(adapter)],
+                                      "data": {"train": str(data), "val": str(data), "test": str(data)}}))
+    (root / "dangling").symlink_to(root / "nowhere")
+    (root / "a dir").mkdir()
+    return {"model": model, "adapter": adapter, "nan": nan, "data": data, "recipe": recipe, "root": root}
+
+
+def align(*extra):
+    return ["align", "--old", "{model}", "--new", "{model}", "-o", "{out}", *extra]
+
+
+def transfer(*extra):
+    return ["transfer", "--align", "{root}/align", "--adapter", "{adapter}", "-o", "{out}", *extra]
+
+
+def finetune(*extra):
+    return ["finetune", "--base", "{model}", "--data", "{data}", "-o", "{out}", *extra]
+
+
+def evaluate(*extra):
+    return ["eval", "--base", "{model}", "--data", "{data}", *extra]
+
+
+def run(*extra):
+    return ["run", "{recipe}", "-o", "{out}", *extra]
+
+
+CASES = [  # (command line, a fragment of the one-line message)
+    (align("--max-tokens", "0"), "max_tokens"),
+    (align("--seq-len", "1"), "seq_len"),
+    (align("--batch-size", "0"), "batch_size"),
+    (align("--head-sketch", "2"), "head_sketch"),
+    (align("--cka", "exact"), "cka"),
+    (align("--head-match", "greedy"), "head_match"),
+    (align("--head-similarity", "logits"), "head_similarity"),
+    (align("--mlp-match", "random"), "mlp_match"),
+    (align("--mlp-similarity", "logits"), "mlp_similarity"),
+    (align("--transfer", "svd"), "transfer"),
+    (align("--dtype", "float8"), "dtype"),
+    (align("--device", "tpu"), "device"),
+    (align("--calib", "{root}/missing.txt"), "missing.txt"),
+    (align("-o", "{root}/dangling"), "dangling symlink"),
+    (align("-o", "{model}/align"), "overlaps the input"),
+    (align("-o", "/proc/loramigrate/align"), "cannot write beside"),
+    (transfer("--rank", "0"), "rank"),
+    (transfer("--rank", "-2"), "rank"),
+    (transfer("--rank", "abc"), "rank"),
+    (transfer("--energy", "0"), "energy"),
+    (transfer("--energy", "1.5"), "energy"),
+    (transfer("--energy", "nan"), "energy"),
+    (transfer("--fill", "everywhere"), "fill"),
+    (transfer("--prompt-limit", "0"), "prompt_limit"),
+    (transfer("--max-len", "2"), "max_len"),
+    (transfer("--batch-size", "0"), "batch_size"),
+    (transfer("--fit-steps", "-1"), "fit_steps"),
+    (transfer("--fit-lr", "0"), "fit_lr"),
+    (transfer("--fit-lr", "inf"), "fit_lr"),
+    (transfer("--device", "tpu"), "device"),
+    (finetune("--rank", "0"), "rank"),
+    (finetune("--alpha", "0"), "alpha"),
+    (finetune("--alpha", "inf"), "alpha"),
+    (finetune("--steps", "0"), "steps"),
+    (finetune("--epochs", "0"), "epochs"),
+    (finetune("--batch-size", "0"), "batch_size"),
+    (finetune("--grad-accum", "0"), "grad_accum"),
+    (finetune("--max-len", "4"), "max_len"),
+    (finetune("--lr", "0"), "lr"),
+    (finetune("--lr", "nan"), "lr"),
+    (finetune("--lora-plus-ratio", "0.5"), "lora_plus_ratio"),
+    (finetune("--warmup", "-1"), "warmup"),
+    (finetune("--lr-schedule", "step"), "lr_schedule"),
+    (finetune("--reg-lambda", "-1"), "reg_lambda"),
+    (finetune("--reg-final", "inf"), "reg_final"),
+    (finetune("--reg-schedule", "sawtooth"), "reg_schedule"),
+    (finetune("--reg-switch", "1.5"), "reg_switch"),
+    (finetune("--reg-toward", "base"), "reg_toward"),
+    (finetune("--rebalance", "half"), "rebalance"),
+    (finetune("--restart-every", "-1"), "restart_every"),
+    (finetune("--restart-prune", "2"), "restart_prune"),
+    (finetune("--restart-warmup", "-1"), "restart_warmup"),
+    (finetune("--eval-every", "0"), "eval_every"),
+    (finetune("--eval-limit", "0"), "eval_limit"),
+    (finetune("--target", "accuracy"), "target"),
+    (finetune("--target", "loss=inf"), "target"),
+    (finetune("--teacher", "wise"), "teacher"),
+    (finetune("--teacher", "old"), "needs teacher_base and teacher_adapter"),
+    (finetune("--distill-temperature", "0"), "distill_temperature"),
+    (finetune("--distill-weight", "1.5"), "distill_weight"),
+    (finetune("--teacher-new-tokens", "0"), "teacher_new_tokens"),
+    (finetune("--dtype", "half"), "dtype"),
+    (finetune("--restart-every", "5", "--reg-lambda", "1"), "cannot be combined"),
+    (finetune("--init", "{root}/a dir"), "not a PEFT adapter directory"),
+    (finetune("--init", "{nan}"), "holds NaN or inf values"),
+    (finetune("--targets", "bogus_proj"), "bogus_proj"),
+    (finetune("-o", "{model}/ft"), "overlaps the input"),
+    (finetune("--init", "{adapter}", "-o", "{adapter}"), "overlaps the input"),
+    (finetune("--data", "{root}/missing.jsonl"), "cannot read data file"),
+    (evaluate("--batch-size", "0"), "batch_size"),
+    (evaluate("--limit", "0"), "limit"),
+    (evaluate("--limit", "-1"), "limit"),
+    (evaluate("--json", "{root}/a dir"), "--json"),
+    (evaluate("--json", "{root}/no/such/dir.json"), "--json"),
+    (evaluate("--dtype", "float8"), "dtype"),
+    (evaluate("--reference-base", "{model}"), "go together"),
+    (evaluate("--adapter", "{root}/a dir"), "not a PEFT adapter directory"),
+    (run("--set", "finetune.steps=0"), "steps"),
+    (run("--set", "finetune.steps=[1"), "not valid YAML"),
+    (run("--set", "finetune.lr=.inf"), "lr"),
+    (run("--set", "nokey"), "expected STAGE.KEY=VALUE"),
+    (run("--set", "align.bogus=1"), "bogus"),
+    (run("--set", "align.max_tokens=1"), "max_tokens"),
+    (run("--set", "transfer.energy=2"), "energy"),
+    (run("--set", "transfer.rank=0"), "rank"),
+    (run("--set", "eval.batch_size=0"), "batch_size"),
+    (run("--set", "eval.limit=-1"), "limit"),
+    (run("--from", "deploy"), "--from"),
+    (run("--adapter", "{root}/align"), "overlaps the input"),
+    (run("--adapter", "{root}/it's \"quoted\""), "not found"),
+    (["run", "{root}/missing.yaml", "-o", "{out}"], "cannot read recipe"),
+]
+
+
+@pytest.mark.parametrize(("args", "match"), CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CASES])
+def test_bad_input_table(inputs, tmp_path, args, match):
+    fields = {k: str(v) for k, v in inputs.items()} | {"out": str(tmp_path / "out")}
+    refused([a.format(**fields) for a in args], match, tmp_path, inputs["root"])

@@ -1,15 +1,22 @@
 """`loramigrate finetune` on a tiny model and a learnable task: learning, early stop, resume, regularisation."""
 
 import json
+import logging
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from loramigrate.adapters import read_adapter
 from loramigrate.cli.main import app
 from loramigrate.config import FinetuneConfig
+from loramigrate.errors import ArtifactError
 from loramigrate.finetune import loop
 from loramigrate.finetune.runner import run_finetune
 from tests.helpers import WORDS, make_lora
@@ -57,22 +64,115 @@ def test_target_stops_early_and_records_time_to_readiness(tiny_models, task, tmp
     assert len((out / "log.jsonl").read_text().splitlines()) == 10
 
 
+def interrupt(monkeypatch, cfg, out, at_step):
+    """Run ``cfg`` into ``out`` and stop it like a kill just after its checkpoint at ``at_step``."""
+    real = loop._checkpoint
+
+    def crash(path, *args):
+        real(path, *args)
+        if args[3] == at_step:  # step
+            raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_checkpoint", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run_finetune(cfg, out)
+    assert not out.exists() and list(out.parent.glob(f"{out.name}.ckpt-*"))
+
+
 def test_interrupted_run_resumes_to_the_same_adapter(tiny_models, task, tmp_path, monkeypatch):
     cfg = config(tiny_models["llama"], task)
     whole = run_finetune(cfg, tmp_path / "whole")
-    real = loop._checkpoint
-
-    def crash_after_second(path, *args):
-        real(path, *args)
-        if args[3] == 20:  # step
-            raise KeyboardInterrupt
-    monkeypatch.setattr(loop, "_checkpoint", crash_after_second)
-    with pytest.raises(KeyboardInterrupt):
-        run_finetune(cfg, tmp_path / "resumed")
-    assert not (tmp_path / "resumed").exists() and list(tmp_path.glob("resumed.ckpt-*"))
-    monkeypatch.setattr(loop, "_checkpoint", real)
+    interrupt(monkeypatch, cfg, tmp_path / "resumed", at_step=20)
     resumed = run_finetune(cfg, tmp_path / "resumed")
     assert torch.allclose(delta(whole), delta(resumed), atol=1e-6)
+
+
+def test_resume_with_dropout_draws_the_same_masks(tiny_models, task, tmp_path, monkeypatch):
+    init = make_lora(tiny_models["llama"], tmp_path / "init", targets=TARGETS, lora_dropout=0.3)
+    cfg = config(tiny_models["llama"], task, init=str(init), steps=20)
+    whole = run_finetune(cfg, tmp_path / "whole")
+    interrupt(monkeypatch, cfg, tmp_path / "resumed", at_step=10)
+    assert torch.equal(delta(whole), delta(run_finetune(cfg, tmp_path / "resumed")))
+
+
+def test_a_checkpoint_of_other_data_is_discarded(tiny_models, task, tmp_path, monkeypatch, caplog):
+    data = tmp_path / "train.jsonl"
+    data.write_text(task.read_text())
+    cfg = config(tiny_models["llama"], data, steps=20)
+    interrupt(monkeypatch, cfg, tmp_path / "ft", at_step=10)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "completion": " people"}) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="loramigrate"):
+        resumed = run_finetune(cfg, tmp_path / "ft")
+    assert sum("discarding checkpoint" in r.getMessage() for r in caplog.records) == 1
+    assert torch.equal(delta(resumed), delta(run_finetune(cfg, tmp_path / "fresh")))
+    assert not list(tmp_path.glob("*.ckpt-*"))
+
+
+def test_a_checkpoint_holding_code_is_refused(tiny_models, task, tmp_path, monkeypatch):
+    cfg = config(tiny_models["llama"], task, steps=20)
+    interrupt(monkeypatch, cfg, tmp_path / "ft", at_step=10)
+    (ckpt,) = tmp_path.glob("ft.ckpt-*/checkpoint.pt")
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 10, "payload": Planted(str(marker))}, ckpt)
+    with pytest.raises(ArtifactError, match="refusing checkpoint"):
+        run_finetune(cfg, tmp_path / "ft")
+    assert not marker.exists() and not (tmp_path / "ft").exists()
+
+
+class Planted:
+    """Unpickling this creates a directory: what a planted checkpoint could do instead."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_failure_before_the_first_checkpoint_leaves_nothing(tiny_models, task, tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("broken batch")
+    monkeypatch.setattr(loop, "batch_rows", broken)
+    with pytest.raises(RuntimeError, match="broken batch"):
+        run_finetune(config(tiny_models["llama"], task), tmp_path / "ft")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rerun_removes_what_killed_runs_left(tiny_models, task, tmp_path):
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    for name in (f"ft.tmp-{gone}", f"ft.old-{gone}", f"ft.tmp-{os.getppid()}"):  # the last: a live process's
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_text("half written")
+    run_finetune(config(tiny_models["llama"], task, steps=2, eval_every=2), tmp_path / "ft")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft", f"ft.tmp-{os.getppid()}"]
+
+
+HOLD = """import sys, time
+from pathlib import Path
+from loramigrate.artifacts import output_lock
+with output_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_writer_of_one_output_is_refused(tiny_models, task, tmp_path):
+    out = tmp_path / "ft"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = runner.invoke(app, ["finetune", "--base", str(tiny_models["llama"]), "--data", str(task),
+                                     "-o", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 1, result.output
+    assert f"another loramigrate process is writing {out} (pid {holder.pid})" in " ".join(result.stderr.split())
+    assert not out.exists() and not list(tmp_path.glob("ft.*-*"))
 
 
 def test_strong_regularisation_keeps_the_adapter_near_its_init(tiny_models, task, tmp_path):
@@ -97,6 +197,9 @@ def test_bad_input(tiny_models, task, tmp_path):
     other_adapter = make_lora(make_tiny("llama", tmp_path / "wide", hidden=48), tmp_path / "other", targets=TARGETS)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
+    nan_init = make_lora(tiny_models["llama"], tmp_path / "nan", targets=TARGETS)
+    weights = load_file(nan_init / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, nan_init / "adapter_model.safetensors")
     long_prompts = tmp_path / "long.jsonl"
     long_prompts.write_text("".join(json.dumps({"prompt": " ".join(WORDS[i:i + 12]), "completion": " water"}) + "\n"
                                     for i in range(10)))
@@ -104,7 +207,9 @@ def test_bad_input(tiny_models, task, tmp_path):
              (["--data", str(task), "--init", str(tmp_path)], "not a PEFT adapter directory"),
              (["--data", str(task), "--target", "accuracy"], "target"),
              (["--data", str(long_prompts), "--max-len", "8"], "cuts every completion"),
-             (["--data", str(task), "--init", str(other_adapter)], "does not fit the base")]
+             (["--data", str(task), "--init", str(other_adapter)], "does not fit the base"),
+             (["--data", str(task), "--init", str(nan_init)], "holds NaN or inf values"),
+             (["--data", str(task), "--targets", "bogus_proj"], "bogus_proj")]
     for args, match in cases:
         result = runner.invoke(app, ["finetune", "--base", str(tiny_models["llama"]), "-o", str(tmp_path / "o"), *args])
         assert result.exit_code == 1 and match in result.stderr, (args, result.output)

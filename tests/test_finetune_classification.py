@@ -103,7 +103,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_mo
     assert result.exit_code == 1 and "diverged" in result.stderr and "step 13" in result.stderr, result.output
     assert not (tmp_path / "o").exists()
     (ckpt,) = tmp_path.glob("o.ckpt-*/checkpoint.pt")
-    assert torch.load(ckpt, weights_only=False)["step"] == 10
+    assert torch.load(ckpt, weights_only=True)["step"] == 10
 
 
 def test_validation_labels_unseen_in_training_are_refused(tiny_models, sentiment, tmp_path):

@@ -66,10 +66,10 @@ def test_incomplete_or_foreign_alignment(setup, tmp_path):
     partial = copy_dir(align_dir, tmp_path / "partial")
     (partial / "alignment.safetensors").unlink()
     fails(tmp_path, partial, adapter, "not an alignment directory")
-    old_version = copy_dir(align_dir, tmp_path / "old_version")
-    manifest = json.loads((old_version / "manifest.json").read_text())
-    (old_version / "manifest.json").write_text(json.dumps({**manifest, "version": "0.0.1"}))
-    fails(tmp_path, old_version, adapter, "rerun its stage")
+    old_format = copy_dir(align_dir, tmp_path / "old_format")
+    manifest = json.loads((old_format / "manifest.json").read_text())
+    (old_format / "manifest.json").write_text(json.dumps({**manifest, "schema": 0}))
+    fails(tmp_path, old_format, adapter, "rerun its stage")
     fails(tmp_path, adapter, adapter, "not a finished stage directory")
 
 

@@ -10,7 +10,7 @@ import yaml
 from loramigrate.align.activations import default_calibration, read_calibration
 from loramigrate.align.core import align_models
 from loramigrate.alignment import save_alignment
-from loramigrate.artifacts import hash_inputs, is_up_to_date, prepare_output, stage_output
+from loramigrate.artifacts import hash_inputs, is_up_to_date, output_lock, prepare_output, stage_output
 from loramigrate.config import AlignConfig
 from loramigrate.models import load_model, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
@@ -27,20 +27,22 @@ def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progres
     old_ref, new_ref = resolve_model(cfg.old), resolve_model(cfg.new)
     calib_path = Path(cfg.calib) if cfg.calib else default_calibration()
     texts = read_calibration(calib_path)
-    prepare_output(out_dir)
-    inputs = hash_inputs({"old": old_ref.path, "new": new_ref.path, "calib": str(calib_path)})
+    names = {"old": old_ref.path, "new": new_ref.path, "calib": str(calib_path)}
+    prepare_output(out_dir, inputs=names.values())
+    inputs = hash_inputs(names)
     config = cfg.model_dump()
-    if not force and is_up_to_date(out_dir, STAGE, config, inputs):
+    if not force and is_up_to_date(out_dir, STAGE, config, inputs):  # reading needs no lock: a fleet shares it
         log.info("%s is up to date; skipping align (use --force to redo)", out_dir)
         return out_dir
-    log.info("align config:\n%s", yaml.safe_dump(config, sort_keys=False))
-    old_tok, new_tok = load_tokenizer(old_ref), load_tokenizer(new_ref)
-    old = load_model(old_ref, cfg.load.dtype, cfg.load.device)
-    new = load_model(new_ref, cfg.load.dtype, cfg.load.device)
-    with stage_output(out_dir, STAGE, config, inputs) as run:
-        alignment = align_models(old, new, old_tok, new_tok, texts, cfg, progress)
-        save_alignment(alignment, run.tmp_dir)
-        plot_cka(alignment.cka, alignment.layer_map, run.tmp_dir / "cka.png")
-        run.extra["phase_wall_s"] = alignment.info["timings"]
-        run.extra["summary"] = {"layer_map": alignment.layer_map, **alignment.info["scores"]}
+    with output_lock(out_dir):
+        log.info("align config:\n%s", yaml.safe_dump(config, sort_keys=False))
+        old_tok, new_tok = load_tokenizer(old_ref), load_tokenizer(new_ref)
+        old = load_model(old_ref, cfg.load.dtype, cfg.load.device)
+        new = load_model(new_ref, cfg.load.dtype, cfg.load.device)
+        with stage_output(out_dir, STAGE, config, inputs) as run:
+            alignment = align_models(old, new, old_tok, new_tok, texts, cfg, progress)
+            save_alignment(alignment, run.tmp_dir)
+            plot_cka(alignment.cka, alignment.layer_map, run.tmp_dir / "cka.png")
+            run.extra["phase_wall_s"] = alignment.info["timings"]
+            run.extra["summary"] = {"layer_map": alignment.layer_map, **alignment.info["scores"]}
     return out_dir

@@ -55,14 +55,17 @@ def evaluate(
 ) -> None:
     """Evaluate a base alone and with each adapter; prints the comparison table on stdout."""
     from loramigrate.adapters import CONFIG
-    from loramigrate.config import ModelLoadConfig
+    from loramigrate.config import EvalConfig, ModelLoadConfig
     from loramigrate.errors import ArtifactError, ConfigError
     from loramigrate.evaluate import evaluate_pairs, read_task, with_flips, with_gap
     from loramigrate.models import resolve_model
     from loramigrate.proxy import evaluate_proxy
 
     load = ModelLoadConfig(dtype=dtype, device=device)
-    task = read_task(data, limit)
+    opts = EvalConfig(limit=limit, batch_size=batch_size)
+    if json_out and (json_out.is_dir() or not json_out.parent.is_dir()):
+        raise ConfigError(f"--json {json_out}: expected a file path in an existing directory")
+    task = read_task(data, opts.limit)
     resolve_model(base)
     adapters = [str(a) for a in adapter or []]
     for a in adapters + ([str(reference_adapter)] if reference_adapter else []):

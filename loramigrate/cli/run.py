@@ -36,10 +36,7 @@ def run(
     from loramigrate.pipeline import timed_run
     from loramigrate.recipes import load_recipe
 
-    overrides = list(set_ or [])
-    if adapter:
-        overrides.append(f"adapters=[{', '.join(repr(str(a)) for a in adapter)}]")
-    cfg = load_recipe(recipe, overrides)
+    cfg = load_recipe(recipe, list(set_ or []), [str(a) for a in adapter] if adapter else None)
     with progress_bars() as progress:
         runs, report = timed_run(cfg, out, "align" if force else from_, align_dir, progress)
     print_summary(runs, report)

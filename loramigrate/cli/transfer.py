@@ -19,14 +19,6 @@ Examples:
 """
 
 
-def _rank(value: str | None) -> int | str | None:
-    if value is None or value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise typer.BadParameter("an integer ≥ 1 or 'auto'")
-    return int(value)
-
-
 @handle_errors
 def transfer(
     align: Annotated[Path, typer.Option(help="Alignment directory written by `loramigrate align`.")],
@@ -58,7 +50,7 @@ def transfer(
     from loramigrate.config import ModelLoadConfig, TransferConfig
     from loramigrate.transfer import run_transfer
 
-    cfg = TransferConfig(align=str(align), adapter=str(adapter), rank=_rank(rank), energy=energy,
+    cfg = TransferConfig(align=str(align), adapter=str(adapter), rank=rank, energy=energy,
                          keep_norm_ratio=keep_norm_ratio, fill=fill, verify=verify,
                          prompts=str(prompts) if prompts else None, prompt_limit=prompt_limit, max_len=max_len,
                          batch_size=batch_size, fit_solver=fit_solver, fit_steps=fit_steps, fit_lr=fit_lr,

@@ -3,24 +3,27 @@ optional RefLoRA rebalancing, evaluation every k steps, early stop at a target, 
 
 Examples are shuffled once per epoch by a generator seeded by (seed, epoch), and a step's batch is a
 pure function of the step, so a run resumed from a checkpoint sees exactly the batches an
-uninterrupted run would.
+uninterrupted run would; the checkpoint also holds the random generators' states, so dropout draws
+the same masks too.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from loramigrate.config import FinetuneConfig
-from loramigrate.errors import ConfigError
+from loramigrate.config import FinetuneConfig, parse_target
+from loramigrate.errors import ArtifactError
 from loramigrate.finetune.objective import BatchLoss
 from loramigrate.finetune.rebalance import rebalance_full, rebalance_scalar
 from loramigrate.finetune.regularise import SCHEDULES, delta_distance_sq, init_norm_sq, schedule_value
@@ -91,27 +94,6 @@ def reached(target: tuple[str, float] | None, metrics: dict[str, float]) -> bool
     return metrics[name] <= value if name == "loss" else metrics[name] >= value
 
 
-METRICS = ("loss", "exact_match", "accuracy")
-
-
-def parse_target(text: str | None) -> tuple[str, float] | None:
-    """``"exact_match=0.8"`` → ("exact_match", 0.8).
-
-    Raises:
-        ConfigError: another form or metric.
-    """
-    if not text:
-        return None
-    name, _, value = text.partition("=")
-    try:
-        number = float(value)
-    except ValueError:
-        number = None
-    if name.strip() not in METRICS or number is None:
-        raise ConfigError(f"--target {text!r}: expected METRIC=VALUE with METRIC one of {', '.join(METRICS)}")
-    return name.strip(), number
-
-
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
@@ -150,18 +132,8 @@ def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: B
     log: list[dict] = []
     start_step, elapsed, hit = 0, 0.0, None
     ckpt = ckpt_dir / CKPT
-    if ckpt.is_file():  # resume: factors, optimiser, log and clock as they were at the checkpoint
-        state = torch.load(ckpt, weights_only=False)
-        with torch.no_grad():
-            for name, f in factors.items():
-                f.a.copy_(state["factors"][name]["a"])
-                f.b.copy_(state["factors"][name]["b"])
-                for sb, a in state["factors"][name]["merged"]:
-                    _merge(f, sb, a)
-            for name, p in head.items():
-                p.copy_(state["head"][name])
-        opt.load_state_dict(state["optimizer"])
-        start_step, elapsed, log = state["step"], state["elapsed"], state["log"]
+    if ckpt.is_file():  # resume: factors, optimiser, log, clock and random generators as they were
+        start_step, elapsed, log = _resume(read_checkpoint(ckpt), factors, head, opt)
     target = parse_target(cfg.target)
     clock = time.perf_counter() - elapsed
     model.train()
@@ -207,6 +179,56 @@ def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: B
     if cfg.restart_every:
         fold_restarts(factors, rank=next(iter(factors.values())).a.shape[0])
     return log, hit
+
+
+def _resume(state: dict, factors: dict[str, LoraFactors], head: dict[str, nn.Parameter], opt: torch.optim.Optimizer
+            ) -> tuple[int, float, list[dict]]:
+    """Put a checkpoint's state back; returns its step, elapsed seconds and log."""
+    with torch.no_grad():
+        for name, f in factors.items():
+            f.a.copy_(state["factors"][name]["a"])
+            f.b.copy_(state["factors"][name]["b"])
+            for sb, a in state["factors"][name]["merged"]:
+                _merge(f, sb, a)
+        for name, p in head.items():
+            p.copy_(state["head"][name])
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state["step"], state["elapsed"], state["log"]
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's tensors, numbers and strings, never code: the file sits at a predictable path
+    beside the output, so unpickling arbitrary objects from it would run whatever someone put there.
+
+    Raises:
+        ArtifactError: the file holds other objects, or cannot be read.
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ArtifactError(f"refusing checkpoint {path}: it holds objects other than tensors and numbers, "
+                            "which could run code; delete it to start over") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ArtifactError(f"cannot read checkpoint {path} ({str(e).splitlines()[0]}); delete it to start over"
+                            ) from None
+
+
+def rng_state() -> dict:
+    """Every random generator a training step may draw from (dropout, a user's sampling), as plain data."""
+    _, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def _merge(f: LoraFactors, sb: torch.Tensor, a: torch.Tensor) -> None:
@@ -266,8 +288,9 @@ def _rebalance(factors: dict[str, LoraFactors], how: str) -> None:
 
 def _checkpoint(path: Path, factors: dict[str, LoraFactors], head: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
                 step: int, elapsed: float, log: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # created at the first checkpoint: a failure before leaves nothing
     tmp = path.with_suffix(".tmp")
-    torch.save({"factors": {n: {"a": f.a.detach().cpu(), "b": f.b.detach().cpu(), "merged": f.merged}
+    torch.save({"rng": rng_state(), "factors": {n: {"a": f.a.detach().cpu(), "b": f.b.detach().cpu(), "merged": f.merged}
                             for n, f in factors.items()},
                 "head": {n: p.detach().cpu() for n, p in head.items()},
                 "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed, "log": log}, tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -13,14 +14,21 @@ import torch
 import yaml
 
 from loramigrate.arch import model_spec
-from loramigrate.artifacts import config_hash, hash_inputs, is_up_to_date, prepare_output, stage_output
+from loramigrate.artifacts import (
+    config_hash,
+    hash_inputs,
+    is_up_to_date,
+    output_lock,
+    prepare_output,
+    stage_output,
+)
 from loramigrate.config import FinetuneConfig
 from loramigrate.errors import ArtifactError, ConfigError
 from loramigrate.evaluate import METRIC, Task, read_task, task_metrics
-from loramigrate.finetune.loop import parse_target, train
+from loramigrate.finetune.loop import train
 from loramigrate.finetune.objective import OBJECTIVES, Distill, mean_loss
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
-from loramigrate.models import load_model, load_tokenizer, new_modules, resolve_model
+from loramigrate.models import ModelRef, load_model, load_tokenizer, new_modules, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -74,13 +82,23 @@ def _peft_model(cfg: FinetuneConfig, base, classification: bool):
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets,
                           task_type="SEQ_CLS" if classification else "CAUSAL_LM",
                           modules_to_save=new_modules(base) or None)
-        return get_peft_model(base, lora)
-    if not (Path(cfg.init) / "adapter_config.json").is_file():
-        raise ArtifactError(f"--init {cfg.init} is not a PEFT adapter directory (or 'fresh')")
+        try:
+            return get_peft_model(base, lora)
+        except ValueError as e:  # e.g. target modules the base does not have
+            raise ConfigError(f"--targets {','.join(targets)}: {str(e).splitlines()[0][:200]}") from None
     try:
-        return PeftModel.from_pretrained(base, cfg.init, is_trainable=True)
+        model = PeftModel.from_pretrained(base, cfg.init, is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ArtifactError(f"--init {cfg.init} does not fit the base {cfg.base}: {str(e).splitlines()[0][:200]}") from None
+    _check_finite(model, cfg.init)
+    return model
+
+
+def _check_finite(model, init: str) -> None:
+    """A NaN or inf in the init would only show as a loss diverging at the first step, blaming the training."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ArtifactError(f"--init {init} holds NaN or inf values ({bad[0]} and {len(bad) - 1} more tensors)")
 
 
 def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> Path:
@@ -88,37 +106,56 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     out_dir = Path(out_dir)
     if cfg.restart_every and cfg.reg_lambda > 0:
         raise ConfigError("ReLoRA restarts and regularisation toward the init cannot be combined yet")
-    parse_target(cfg.target)
     task, val_rows = _split(cfg)
     if cfg.epochs:
         per_step = cfg.batch_size * cfg.grad_accum
         cfg = cfg.model_copy(update={"steps": max(1, math.ceil(cfg.epochs * len(task.rows) / per_step))})
-    classification = task.kind == "classification"
+    if cfg.init != "fresh" and not (Path(cfg.init) / "adapter_config.json").is_file():
+        raise ArtifactError(f"--init {cfg.init} is not a PEFT adapter directory (or 'fresh')")
     ref = resolve_model(cfg.base)
-    prepare_output(out_dir)
     names = {"base": ref.path, "data": cfg.data, **({"val": cfg.val} if cfg.val else {}),
              **({"init": cfg.init} if cfg.init != "fresh" else {})}
     if cfg.teacher != "none":
         teacher_ref = check_teacher(cfg.teacher, task.kind, ref, cfg.teacher_base)
         names |= {"teacher_base": teacher_ref.path, "teacher_adapter": cfg.teacher_adapter}
+    prepare_output(out_dir, inputs=names.values())
     inputs = hash_inputs(names)
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping finetune (use --force to redo)", out_dir)
         return out_dir
-    log.info("finetune config:\n%s", yaml.safe_dump(config, sort_keys=False))
+    with output_lock(out_dir):
+        log.info("finetune config:\n%s", yaml.safe_dump(config, sort_keys=False))
+        ckpt_dir = checkpoint_dir(out_dir, config, inputs, fresh=force)
+        _finetune(cfg, ref, task, val_rows, out_dir, ckpt_dir, inputs, progress)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return out_dir
+
+
+def checkpoint_dir(out_dir: Path, config: dict, inputs: dict[str, dict[str, str]], fresh: bool) -> Path:
+    """Where this run checkpoints: beside the output, keyed by the config and the inputs' content, so only a
+    rerun of the same command on the same files resumes. Any other checkpoint of this output (another
+    config, or inputs edited since) is discarded, with one line; ``fresh`` discards this run's own too."""
+    key = config_hash({"config": config, "inputs": {k: v["sha256"] for k, v in inputs.items()}})[:12]
+    ckpt = out_dir.with_name(f"{out_dir.name}.ckpt-{key}")
+    for old in out_dir.parent.glob(f"{glob.escape(out_dir.name)}.ckpt-*"):
+        if old != ckpt:
+            log.warning("discarding checkpoint %s: it was made with another config or other input files", old)
+        if old != ckpt or fresh:
+            shutil.rmtree(old, ignore_errors=True)
+    return ckpt
+
+
+def _finetune(cfg: FinetuneConfig, ref: ModelRef, task: Task, val_rows: list[dict], out_dir: Path, ckpt_dir: Path,
+              inputs: dict[str, dict[str, str]], progress: ProgressFn) -> None:
+    """Load, train with checkpoints in ``ckpt_dir``, and write the adapter into ``out_dir``."""
+    classification = task.kind == "classification"
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(ref)
     _check_lengths(tok, task, cfg.max_len, cfg.data)
     base = load_model(ref, cfg.load.dtype, cfg.load.device, num_labels=len(task.labels) if classification else None)
     model = _peft_model(cfg, base, classification)
     task, val_rows, distill = _distillation(cfg, model, tok, task, val_rows, progress)
-    # checkpoints live beside the output, keyed by the config, so a rerun of the same command resumes
-    ckpt_dir = out_dir.with_name(f"{out_dir.name}.ckpt-{config_hash(config)[:12]}")
-    if force:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-
     val_task = Task(task.kind, val_rows, task.labels)
     kl = OBJECTIVES[task.kind](tok, task, cfg.max_len, replace(distill, weight=1.0)) if distill else None
 
@@ -128,11 +165,12 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
                 **({"kl": mean_loss(kl, m, val_rows, cfg.batch_size)} if kl else {})}
 
     batch_loss = OBJECTIVES[task.kind](tok, task, cfg.max_len, distill)
-    with stage_output(out_dir, STAGE, config, inputs) as run:
+    with stage_output(out_dir, STAGE, cfg.model_dump(), inputs) as run:
         try:
             history, hit = train(model, task.rows, cfg, batch_loss, evaluate, ckpt_dir, progress)
         except FloatingPointError as e:
-            raise ArtifactError(f"training diverged ({e}); the last good checkpoint is in {ckpt_dir}") from None
+            kept = f"the last good checkpoint is in {ckpt_dir}" if ckpt_dir.exists() else "before the first checkpoint"
+            raise ArtifactError(f"training diverged ({e}); {kept}") from None
         peft_config = model.peft_config["default"]
         if peft_config.modules_to_save:  # PEFT appends its classifier names again at every SEQ_CLS load
             peft_config.modules_to_save = list(dict.fromkeys(peft_config.modules_to_save))
@@ -141,8 +179,6 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
         plot_curve(history, run.tmp_dir / "curve.png")
         run.extra["time_to_target"] = hit
         run.extra["final"] = next((r for r in reversed(history) if "val_loss" in r), None)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return out_dir
 
 
 def _distillation(cfg: FinetuneConfig, student, tok, task: Task, val_rows: list[dict], progress: ProgressFn

@@ -1,0 +1,55 @@
+"""Stage directories: what manifests record, which old artifacts stay valid, outputs that overlap inputs.
+
+    pytest tests/test_artifacts.py
+"""
+
+import json
+
+import pytest
+
+from loramigrate import artifacts
+from loramigrate.artifacts import check_stage, hash_inputs, output_lock, stage_output
+from loramigrate.errors import ArtifactError
+
+LOAD = {"load": {"dtype": "auto", "device": "auto"}}
+
+
+def write_stage(out, stage="align", config=LOAD, inputs=None):
+    with stage_output(out, stage, config, inputs or {}) as run:
+        (run.tmp_dir / "result.txt").write_text("done")
+    return json.loads((out / artifacts.MANIFEST).read_text())
+
+
+def test_the_manifest_records_what_auto_resolved_to(tmp_path):
+    manifest = write_stage(tmp_path / "out")
+    assert manifest["runtime"] == {"dtype": "float32", "device": "cpu"}  # the test machines have no CUDA
+    assert manifest["schema"] == artifacts.SCHEMAS["align"]
+
+
+def test_the_schema_not_the_release_decides_validity(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    manifest = write_stage(out)
+    (out / artifacts.MANIFEST).write_text(json.dumps({**manifest, "version": "0.0.1"}))
+    assert check_stage(out, "align")["version"] == "0.0.1"
+    monkeypatch.setitem(artifacts.SCHEMAS, "align", artifacts.SCHEMAS["align"] + 1)
+    with pytest.raises(ArtifactError, match="rerun its stage"):
+        check_stage(out, "align")
+
+
+@pytest.mark.parametrize("out", ["adapter/transfer", "adapter", "."])
+def test_an_output_overlapping_an_input_is_refused(tmp_path, out):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ArtifactError, match="overlaps the input"):
+        write_stage(tmp_path / out, "transfer", inputs=hash_inputs({"adapter": str(adapter)}))
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_the_lock_is_reentrant_and_leaves_no_file(tmp_path):
+    out = tmp_path / "out"
+    with output_lock(out):
+        assert (tmp_path / "out.lock").read_text().strip().isdigit()
+        write_stage(out)  # a runner holds the lock around its stage_output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
