@@ -230,11 +230,11 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progre
     alignment = load_alignment(align_dir)
     adapter = read_adapter(adapter_dir)
     check_adapter(adapter, alignment, adapter_dir)
-    prepare_output(out_dir)
     names = {"align": str(align_dir), "adapter": str(adapter_dir)}
     if cfg.prompts:
         read_prompts(cfg.prompts, 1)  # fail on a bad prompts file before any heavy work
         names.update(prompts=cfg.prompts, old=resolve_model(alignment.info.get("options", {}).get("old", "")).path)
+    prepare_output(out_dir, inputs=names.values())
     inputs = hash_inputs(names)
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
