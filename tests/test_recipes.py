@@ -51,9 +51,17 @@ def test_overrides_reach_the_stage_configs(tmp_path):
 def test_multi_fidelity_search_trains_on_the_recipe_data(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(MINIMAL + "search: {fidelity_steps: 3}\n")
-    assert load_recipe(path).search_config("A", "T").train == "t"
+    assert load_recipe(path).search_config("A", "T", "S").train == "t"
     path.write_text(MINIMAL)
-    assert load_recipe(path).search_config("A", "T").train is None
+    assert load_recipe(path).search_config("A", "T", "S").train is None
+
+
+def test_distill_search_is_taught_by_the_adapter_being_migrated(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(MINIMAL + "search: {objective: distill}\n")
+    assert load_recipe(path).search_config("A", "T", "S").teacher_adapter == "S"
+    path.write_text(MINIMAL)
+    assert load_recipe(path).search_config("A", "T", "S").teacher_adapter is None
 
 
 def test_paths_expand_the_cache_default_and_refuse_unset_variables(tmp_path, monkeypatch):
