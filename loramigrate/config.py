@@ -169,10 +169,19 @@ class SearchConfig(_Config):
     sampler: Literal["auto", "gp", "tpe"] = "auto"  # auto: gp, or tpe for the multi-fidelity objective
     storage: str | None = None  # Optuna storage URL or journal file; None: study.db in the output directory
     study: str = "loramigrate-search"
-    alpha_max: float = Field(2.0, gt=0)  # α ∈ [0, alpha_max] scales the transferred delta
-    beta_max: float = Field(1.0, ge=0)  # β ∈ [−beta_max, beta_max] scales the base evolution
-    gamma_max: float = Field(0.5, ge=0)  # γ ∈ [0, gamma_max] scales a seeded fresh direction (groups space)
+    # the space is scaled to the pair: wide ranges lose a small trial budget on separately trained bases
+    # α ∈ [alpha_min, alpha_max] scales the transferred delta: a band around 1
+    alpha_min: float = Field(0.5, ge=0, allow_inf_nan=False)
+    alpha_max: float = Field(1.5, gt=0, allow_inf_nan=False)
+    # β ∈ [−beta_max, beta_max] scales the base evolution W_new − W_old; None: auto, 1 where the alignment maps
+    # every layer and head to itself between same-shape bases (the weights only drifted), else 0 (β off)
+    beta_max: float | None = Field(None, ge=0, allow_inf_nan=False)
+    gamma_max: float = Field(0.5, ge=0, allow_inf_nan=False)  # γ ∈ [0, gamma_max] scales a seeded fresh direction
     evolution_rank: int = Field(16, ge=1)
+    # search/core.py SCORES: loss = the validation loss on the labels; distill = KL(old pair ‖ new base + blend)
+    # on the validation inputs (no labels needed; the old base is the alignment's, the old adapter teacher_adapter)
+    objective: Literal["loss", "distill"] = "loss"
+    teacher_adapter: str | None = None  # the old adapter (distill)
     fidelity_steps: int = Field(0, ge=0)  # > 0: a trial's value is the val loss after this many finetune steps
     train: str | None = None  # training JSONL of those steps
     fidelity_lr: float = Field(1e-3, gt=0)
@@ -180,3 +189,13 @@ class SearchConfig(_Config):
     max_len: int = Field(128, ge=8)
     seed: int = 0
     load: ModelLoadConfig = ModelLoadConfig()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> SearchConfig:
+        if self.alpha_min >= self.alpha_max:
+            raise ValueError(f"alpha_min {self.alpha_min} must be below alpha_max {self.alpha_max}")
+        if self.objective == "distill" and not self.teacher_adapter:
+            raise ValueError("objective 'distill' needs teacher_adapter (the old adapter; its base is the alignment's)")
+        if self.objective == "distill" and self.fidelity_steps:
+            raise ValueError("objective 'distill' scores forward passes only; set fidelity_steps to 0")
+        return self

@@ -101,7 +101,7 @@ def _migrate(recipe: Recipe, r: AdapterRun, base: Path, forced: set[str], progre
                                force="transfer" in forced, progress=progress)
     if recipe.search is not None:
         r.dirs["search"] = out = base / "search"
-        r.ran["search"] = _stage(out, run_search, recipe.search_config(align, str(init)), out, progress,
+        r.ran["search"] = _stage(out, run_search, recipe.search_config(align, str(init), r.source), out, progress,
                                  force="search" in forced)
         init = out
     if recipe.finetune is not None:

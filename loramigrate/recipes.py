@@ -79,7 +79,7 @@ class Recipe(_Config):
     def _sections_are_valid(self) -> Recipe:
         """Build every stage config once with placeholder links, so a bad option fails at load time."""
         builds = {"align": self.align_config, "transfer": lambda: self.transfer_config("ALIGN", "ADAPTER"),
-                  "search": lambda: self.search is None or self.search_config("ALIGN", "TRANSFER"),
+                  "search": lambda: self.search is None or self.search_config("ALIGN", "TRANSFER", "ADAPTER"),
                   "finetune": lambda: self.finetune is None or self.finetune_config("INIT", "ADAPTER")}
         for section, build in builds.items():
             try:
@@ -95,9 +95,12 @@ class Recipe(_Config):
     def transfer_config(self, align: str, adapter: str) -> TransferConfig:
         return TransferConfig(align=align, adapter=adapter, **self.transfer)
 
-    def search_config(self, align: str, transfer: str) -> SearchConfig:
-        search = self.search or {}  # the multi-fidelity objective (fidelity_steps > 0) trains on the recipe's data
-        options = {"train": self.data.train if search.get("fidelity_steps") else None, **search}
+    def search_config(self, align: str, transfer: str, source: str) -> SearchConfig:
+        """``source`` is the old adapter being migrated: the ``distill`` objective's teacher (on the alignment's
+        old base). The multi-fidelity objective (fidelity_steps > 0) trains on the recipe's data."""
+        search = self.search or {}
+        teacher = {"teacher_adapter": source} if search.get("objective") == "distill" else {}
+        options = {"train": self.data.train if search.get("fidelity_steps") else None, **teacher, **search}
         return SearchConfig(align=align, transfer=transfer, data=self.data.val, **options)
 
     def finetune_config(self, init: str, source: str) -> FinetuneConfig:

@@ -48,12 +48,15 @@ def test_overrides_reach_the_stage_configs(tmp_path):
         load_recipe(path, ["finetune.steps"])
 
 
-def test_multi_fidelity_search_trains_on_the_recipe_data(tmp_path):
+@pytest.mark.parametrize(("section", "field", "value"), [("{fidelity_steps: 3}", "train", "t"),
+                                                         ("{objective: distill}", "teacher_adapter", "S")])
+def test_search_takes_what_its_objective_needs_from_the_recipe(tmp_path, section, field, value):
+    """The multi-fidelity objective trains on the recipe's data; distill is taught by the adapter being migrated."""
     path = tmp_path / "r.yaml"
-    path.write_text(MINIMAL + "search: {fidelity_steps: 3}\n")
-    assert load_recipe(path).search_config("A", "T").train == "t"
+    path.write_text(MINIMAL + f"search: {section}\n")
+    assert getattr(load_recipe(path).search_config("A", "T", "S"), field) == value
     path.write_text(MINIMAL)
-    assert load_recipe(path).search_config("A", "T").train is None
+    assert getattr(load_recipe(path).search_config("A", "T", "S"), field) is None
 
 
 def test_paths_expand_the_cache_default_and_refuse_unset_variables(tmp_path, monkeypatch):

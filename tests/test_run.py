@@ -87,7 +87,7 @@ def test_from_redoes_that_stage_and_the_later_ones(debug):
 KILLS = {  # stage → (module attribute to break, which call raises)
     "align": ("loramigrate.align.runner.save_alignment", 1),
     "transfer": ("loramigrate.transfer.runner.verify_with_peft", 1),
-    "search": ("loramigrate.search.runner._apply", 2),
+    "search": ("loramigrate.search.core.apply_blend", 2),
     "finetune": ("loramigrate.finetune.loop._checkpoint", 2),
     "eval": ("loramigrate.pipeline.evaluate_pairs", 2),
 }

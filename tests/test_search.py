@@ -1,7 +1,11 @@
-"""`loramigrate search`: trial 0 is transfer as is, a known optimum is found, studies resume and are
-shared by workers, and bad input is refused."""
+"""`loramigrate search`: trial 0 is transfer as is, a known optimum is found, the space fits the pair, the
+distillation objective needs no labels, studies resume and are shared by workers, and bad input is refused.
+
+    python -m pytest tests/test_search.py -q
+"""
 
 import json
+import threading
 
 import optuna
 import pytest
@@ -13,8 +17,11 @@ from typer.testing import CliRunner
 from loramigrate.cli.main import app
 from loramigrate.config import SearchConfig
 from loramigrate.errors import ConfigError
+from loramigrate.search import core as search_core
 from loramigrate.search import run_search
-from loramigrate.search import runner as search_runner
+from loramigrate.search.space import DRIFT_BETA_MAX, resolve_beta_max, search_space
+from loramigrate.search.study import SPACE_ATTR, open_storage, open_study
+from tests.conftest import shape_pair
 from tests.helpers import WORDS, build, make_lora, make_tokenizer, run_script, save, tiny_config
 
 runner = CliRunner()
@@ -54,7 +61,8 @@ def pair(tmp_path_factory):
             rows.append({"prompt": prompt, "completion": " " + tok.convert_ids_to_tokens(token)})
     data = root / "val.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"model": model, "align": root / "align", "transfer": root / "transfer", "data": data, "rows": len(rows)}
+    return {"model": model, "adapter": adapter, "align": root / "align", "transfer": root / "transfer", "data": data,
+            "rows": len(rows)}
 
 
 def config(pair, **kw):
@@ -89,24 +97,24 @@ def test_trial_zero_is_transfer_as_is_and_the_output_is_the_best_blend(pair, tmp
 
 
 def test_search_finds_a_known_optimal_blend(pair, tmp_path):
-    out = run_search(config(pair, space="global", n_trials=14, beta_max=0.0), tmp_path / "s")
+    out = run_search(config(pair, space="global", n_trials=14, alpha_min=0.0, beta_max=0.0), tmp_path / "s")
     best = json.loads((out / "manifest.json").read_text())["search"]["best_params"]
     assert best["alpha"] == pytest.approx(0.5, abs=0.15)
 
 
 def test_an_interrupted_study_resumes_to_n_trials(pair, tmp_path, monkeypatch):
-    real, calls = search_runner._apply, []
+    real, calls = search_core.apply_blend, []
 
     def crash_on_fourth(*args):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(search_runner, "_apply", crash_on_fourth)
+    monkeypatch.setattr(search_core, "apply_blend", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         run_search(config(pair), tmp_path / "s")
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["study.db"]
-    monkeypatch.setattr(search_runner, "_apply", real)
+    monkeypatch.setattr(search_core, "apply_blend", real)
     out = run_search(config(pair), tmp_path / "s")
     study = optuna.load_study(study_name="loramigrate-search", storage=f"sqlite:///{out / 'study.db'}")
     states = [t.state for t in study.trials]
@@ -190,6 +198,9 @@ def test_bad_input(pair, tiny_models, tmp_path):
     cases = [(["--storage", "redis://localhost/0"], "expected an Optuna URL"),
              (["--storage", storage, "--study", "s"], "different search space"),
              (["--n-trials", "0"], "n_trials"),
+             (["--alpha-max", "inf"], "alpha_max"),
+             (["--alpha-min", "2"], "alpha_min"),
+             (["--objective", "distill"], "teacher_adapter"),
              (["--data", str(empty)], "holds no examples"),
              (["--align", str(other)], "another alignment")]
     for args, match in cases:
@@ -198,6 +209,76 @@ def test_bad_input(pair, tiny_models, tmp_path):
         result = runner.invoke(app, ["search", *flat, *args, "-o", str(tmp_path / "o")])
         assert result.exit_code == 1 and match in result.stderr, (args, result.output)
         assert not (tmp_path / "o").exists()
+
+
+def manifest(out):
+    return json.loads((out / "manifest.json").read_text())["search"]
+
+
+def test_the_space_keeps_beta_where_the_weights_only_drifted_and_drops_it_elsewhere(pair, known_upgrade, tmp_path):
+    from loramigrate.alignment import load_alignment
+
+    def auto_beta(old, new, name):
+        cli("align", "--old", old, "--new", new, "--max-tokens", "64", "-o", tmp_path / name)
+        return resolve_beta_max(None, load_alignment(tmp_path / name))
+
+    assert resolve_beta_max(None, load_alignment(pair["align"])) == DRIFT_BETA_MAX  # same model: identity maps
+    assert auto_beta(*known_upgrade[:2], "permuted") == 0.0  # same shapes, heads permuted: not a drift
+    unrelated = shape_pair(tmp_path / "models", {"hidden": 32}, {"hidden": 48})
+    assert auto_beta(*unrelated, "unrelated") == 0.0
+    assert resolve_beta_max(0.3, load_alignment(tmp_path / "unrelated")) == 0.3  # the user's choice wins
+    assert search_space("groups", ["attn.late"], (0.5, 1.5), 0.0, 0.5) == {"alpha.attn.late": (0.5, 1.5),
+                                                                          "gamma.attn.late": (0.0, 0.5)}
+    # end to end on the unrelated pair: no β trial, the bases never loaded for it, the space recorded
+    adapter = make_lora(unrelated[0], tmp_path / "lora", targets=TARGETS)
+    cli("transfer", "--align", tmp_path / "unrelated", "--adapter", adapter, "-o", tmp_path / "transfer")
+    out = run_search(SearchConfig(align=str(tmp_path / "unrelated"), transfer=str(tmp_path / "transfer"),
+                                  data=str(pair["data"]), limit=16, n_trials=2, space="global"), tmp_path / "s")
+    assert manifest(out)["space"] == {"alpha": [0.5, 1.5]}
+    assert not (tmp_path / "unrelated" / "cache").exists()
+
+
+def test_the_distill_objective_needs_no_labels_and_is_zero_for_transfer_as_is_on_an_identity_pair(pair, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": " ".join(WORDS[i:i + 4])}) + "\n" for i in range(12)))
+    cfg = config(pair, data=str(prompts), limit=12, objective="distill", teacher_adapter=str(pair["adapter"]),
+                 space="global", n_trials=4)
+    out = run_search(cfg, tmp_path / "s")
+    summary = manifest(out)
+    assert summary["objective"].startswith("KL(old pair")
+    assert summary["transfer_as_is"] == pytest.approx(0.0, abs=1e-5)  # teacher = old pair = new base + transfer
+    study = optuna.load_study(study_name=cfg.study, storage=f"sqlite:///{out / 'study.db'}")
+    perturbed = [t.value for t in study.trials if t.params["alpha"] != 1.0]
+    assert perturbed and min(perturbed) > 1e-4
+
+
+def test_a_worker_waits_for_a_shared_study_that_another_is_still_creating(tmp_path, monkeypatch):
+    """The creator records the space last; a worker loading the study before then waits, and never
+    enqueues the as-is trial again."""
+    path = str(tmp_path / "study.log")
+    half_made = optuna.create_study(study_name="s", storage=open_storage(path))
+    threading.Timer(0.5, lambda: half_made.set_user_attr(SPACE_ATTR, "sig")).start()
+    study = open_study("s", open_storage(path), None, None, {"alpha": (0.5, 1.5)}, "sig", private=False)
+    assert study.user_attrs[SPACE_ATTR] == "sig" and not study.trials
+    monkeypatch.setattr("loramigrate.search.study.READY_WAIT_S", 0.3)
+    optuna.create_study(study_name="dead", storage=open_storage(path))
+    with pytest.raises(ConfigError, match="never made ready"):
+        open_study("dead", open_storage(path), None, None, {"alpha": (0.5, 1.5)}, "sig", private=False)
+
+
+def test_the_base_evolution_leaves_the_global_rng_alone(pair):
+    from loramigrate.alignment import load_alignment
+    from loramigrate.search.evolution import module_evolution
+
+    alignment = load_alignment(pair["align"])
+    g = torch.Generator().manual_seed(5)
+    shape = (alignment.new.hidden, alignment.new.n_heads * alignment.new.head_dim)
+    old_w = torch.randn(*shape, generator=g)
+    new_w = old_w + torch.randn(shape[0], 2, generator=g) @ torch.randn(2, shape[1], generator=g)
+    state = torch.random.get_rng_state()
+    b, a = module_evolution(old_w, new_w, alignment, 0, "o", rank=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.allclose(b @ a, new_w - old_w, atol=1e-4)
 
 
 def evolution_of(old_dir, new_dir, align_dir, rank):

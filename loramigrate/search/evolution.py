@@ -8,6 +8,7 @@ directory (``cache/`` is not part of its content hash), never per trial.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -29,9 +30,21 @@ def module_evolution(old_w: torch.Tensor, new_w: torch.Tensor, alignment: Alignm
     b, a = map_factors(alignment, layer, role, old_w, torch.eye(old_w.shape[1]))
     diff = new_w.detach().float().cpu() - b @ a
     k = min(rank, *diff.shape)
-    torch.manual_seed(seed)
-    u, s, v = torch.svd_lowrank(diff, q=min(k + 8, *diff.shape), niter=2)
-    return u[:, :k] * s[:k], v[:, :k].T.contiguous()
+    u, s, v = low_rank_svd(diff, q=min(k + 8, *diff.shape), seed=seed)
+    return u[:, :k] * s[:k], v[:k].contiguous()
+
+
+def low_rank_svd(x: torch.Tensor, q: int, seed: int, power_iters: int = 2
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized SVD (Halko et al. 2011, alg. 4.4) of x (m, n): U (m, q), S (q,), Vh (q, n). It draws
+    its test matrix from its own generator (``torch.svd_lowrank`` draws from the global RNG, which would
+    change every later random draw of the caller)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(x @ torch.randn(x.shape[1], q, generator=g)).Q
+    for _ in range(power_iters):  # re-orthonormalised power iterations sharpen a slowly decaying spectrum
+        basis = torch.linalg.qr(x @ torch.linalg.qr(x.T @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.T @ x, full_matrices=False)
+    return basis @ u, s, vh
 
 
 def cache_path(align_dir: Path, rank: int) -> Path:
@@ -62,7 +75,7 @@ def base_evolution(align_dir: Path, alignment: Alignment, wanted: list[tuple[int
             cached[f"{j}.{role}.b"], cached[f"{j}.{role}.a"] = module_evolution(old_w, new_w, alignment, j, role, rank)
             progress("base evolution", n, len(missing))
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")  # workers sharing the alignment each write their own
         save_file({k: v.contiguous() for k, v in cached.items()}, str(tmp))
         tmp.replace(path)
     for j, role in todo:
