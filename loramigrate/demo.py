@@ -25,7 +25,7 @@ FETCH = REPO / "scripts" / "fetch_testbed.sh"
 NEEDED = ("models/minilm-l3/config.json", "models/minilm-l6/config.json", "data/multiemo/test.jsonl")
 # demo-sized budgets on top of the pair recipe (the recipe's own are for a real migration)
 BUDGET = ["finetune.steps=80", "finetune.max_len=64", "finetune.eval_every=40", "finetune.eval_limit=100",
-          "eval.limit=300", "align.max_tokens=2048"]
+          "eval.limit=300", "align.max_tokens=2048", "transfer.prompt_limit=256"]
 
 
 def ensure_testbed(cache: Path) -> None:
