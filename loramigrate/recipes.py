@@ -90,10 +90,14 @@ class Recipe(_Config):
         return self
 
     def align_config(self) -> AlignConfig:
-        return AlignConfig(old=self.old, new=self.new, **_with_calib(self.align))
+        return AlignConfig(old=self.old, new=self.new, **_with_paths(self.align))
 
     def transfer_config(self, align: str, adapter: str) -> TransferConfig:
-        return TransferConfig(align=align, adapter=adapter, **self.transfer)
+        """``prompts: train`` (or ``val``, ``test``) takes the data-aware transfer's inputs from that split."""
+        section = _with_paths(self.transfer)
+        if section.get("prompts") in SPLITS:
+            section["prompts"] = getattr(self.data, section["prompts"])
+        return TransferConfig(align=align, adapter=adapter, **section)
 
     def search_config(self, align: str, transfer: str, source: str) -> SearchConfig:
         """``source`` is the old adapter being migrated: the ``distill`` objective's teacher (on the alignment's
@@ -112,8 +116,12 @@ class Recipe(_Config):
                               **{**teacher, **section})
 
 
-def _with_calib(section: dict[str, Any]) -> dict[str, Any]:
-    return {k: _expand(v) if k == "calib" else v for k, v in section.items()}
+SPLITS = ("train", "val", "test")
+_PATH_KEYS = ("calib", "prompts")  # section options that name files: ~ and $VARS expanded
+
+
+def _with_paths(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: _expand(v) if k in _PATH_KEYS else v for k, v in section.items()}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
