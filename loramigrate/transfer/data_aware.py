@@ -101,16 +101,25 @@ def _tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[mask.bool()]
 
 
-def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float, bias: bool = False) -> torch.Tensor:
-    """W (d_y, d_x [+1]) minimising ‖x Wᵀ − y‖² + λ‖W‖², λ = ridge × mean diagonal of xᵀx (float64)."""
+def ridge_path(x: torch.Tensor, y: torch.Tensor, ridges: tuple[float, ...], bias: bool = False) -> list[torch.Tensor]:
+    """W (d_y, d_x [+1]) minimising ‖x Wᵀ − y‖² + λ‖W‖² for each λ = ridge × mean diagonal of xᵀx, from one
+    eigendecomposition in float64: of xᵀx, or of the n × n x xᵀ when there are fewer rows than inputs."""
     x = x.double()
     if bias:
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
     n, d = x.shape
-    lam = ridge * float(x.pow(2).sum()) / d + 1e-12
-    if n < d:  # fewer rows than inputs: the n × n dual system, W = yᵀ (x xᵀ + λI)⁻¹ x
-        return (torch.linalg.solve(x @ x.T + lam * torch.eye(n, dtype=x.dtype), y.double()).T @ x).float()
-    return torch.linalg.solve(x.T @ x + lam * torch.eye(d, dtype=x.dtype), x.T @ y.double()).T.float()
+    scale, y = float(x.pow(2).sum()) / d, y.double()
+    if n < d:  # dual: W = yᵀ (x xᵀ + λI)⁻¹ x
+        evals, u = torch.linalg.eigh(x @ x.T)
+        uy = u.T @ y
+        return [((u @ (uy / (evals + r * scale + 1e-12)[:, None])).T @ x).float() for r in ridges]
+    evals, u = torch.linalg.eigh(x.T @ x)
+    uxy = u.T @ (x.T @ y)
+    return [(u @ (uxy / (evals + r * scale + 1e-12)[:, None])).T.float() for r in ridges]
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float, bias: bool = False) -> torch.Tensor:
+    return ridge_path(x, y, (ridge,), bias)[0]
 
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -135,7 +144,8 @@ def ridge_select(x: torch.Tensor, y: torch.Tensor, bias: bool = False, seed: int
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     cut = max(1, x.shape[0] // 5)
     test, fit = order[:cut], order[cut:]
-    scores = {lam: r2(apply_fit(ridge_fit(x[fit], y[fit], lam, bias), x[test]), y[test]) for lam in RIDGES}
+    fits = ridge_path(x[fit], y[fit], RIDGES, bias)
+    scores = {lam: r2(apply_fit(w, x[test]), y[test]) for lam, w in zip(RIDGES, fits, strict=True)}
     best = max(scores, key=scores.get)
     return ridge_fit(x, y, best, bias), {"ridge": best, "heldout_r2": round(scores[best], 4)}
 
