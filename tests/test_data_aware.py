@@ -84,7 +84,7 @@ def test_ridge_fit_agrees_with_direct_least_squares():
 
 @pytest.mark.parametrize("content, message", [
     ("", "holds no examples"),
-    ('{"label": 1}\n', "expected a 'prompt' or 'text' string"),
+    ('{"label": 1}\n', "expected 'prompt' and 'completion' strings, or 'text'"),
     ('{"prompt": "alpha"}\n', "prompt tokens, the rank-4 fit needs at least 16"),
 ], ids=["empty", "no-field", "too-few-tokens"])
 def test_bad_prompts_fail_cleanly_and_write_nothing(tiny_models, tmp_path, content, message):

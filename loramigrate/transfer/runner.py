@@ -15,6 +15,7 @@ from loramigrate.arch import ModelSpec
 from loramigrate.artifacts import check_stage, hash_inputs, is_up_to_date, prepare_output, stage_output
 from loramigrate.config import TransferConfig
 from loramigrate.errors import ArtifactError, ConfigError, IncompatibleModelsError
+from loramigrate.evaluate import read_task
 from loramigrate.models import load_model, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 from loramigrate.transfer.core import TransferOptions, locate, normed_input_map, pseudo_inverse, transfer_adapter
@@ -145,26 +146,10 @@ def read_prompts(path: str | Path, limit: int) -> list[str]:
     Raises:
         ArtifactError: unreadable or empty file, or a row with neither field.
     """
-    path = Path(path)
-    try:
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"cannot read prompts file {path}: {e.__class__.__name__}") from None
-    texts = []
-    for n, line in enumerate(lines[:limit], 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ArtifactError(f"{path}:{n}: not valid JSON") from None
-        text = row.get("text") if isinstance(row, dict) else None
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            text = row["prompt"] + str(row.get("completion") or "")
-        if not isinstance(text, str) or not text:
-            raise ArtifactError(f"{path}:{n}: expected a 'prompt' or 'text' string")
-        texts.append(text)
-    if not texts:
-        raise ArtifactError(f"prompts file {path} holds no examples")
-    return texts
+    task = read_task(path, limit, unlabelled=True)
+    if task.kind == "classification":
+        return [r["text"] for r in task.rows]
+    return [r["prompt"] + str(r.get("completion") or "") for r in task.rows]
 
 
 def _tokenized_batches(cfg: TransferConfig, old_ref, new_ref, rank: int) -> list[dict]:
