@@ -30,7 +30,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import curve, manifest, sh
+from benchlib import curve, first_reaching, manifest, sh
 
 
 def sustained_from(points: list[tuple[float, float]], level: float) -> float | None:
@@ -42,10 +42,6 @@ def sustained_from(points: list[tuple[float, float]], level: float) -> float | N
         else:
             start = None
     return start
-
-
-def first_hit(points: list[tuple[float, float]], level: float) -> float | None:
-    return next((x for x, v in points if v >= level - 1e-9), None)
 
 
 def val_score(w: Path, name: str, base: str, adapter: Path | None, val: Path, limit: int, metric: str) -> float:
@@ -120,7 +116,7 @@ def main() -> None:
         for arm, rs in runs.items():
             med[arm] = {k: median_or_none([fn(r[k], level) for r in rs])
                         for k, fn in (("steps", sustained_from), ("secs", sustained_from))}
-            med[arm]["first"] = median_or_none([first_hit(r["steps"], level) for r in rs])
+            med[arm]["first"] = median_or_none([first_reaching(r["steps"], level) for r in rs])
         for arm, rs in runs.items():
             m, base = med[arm], med["retrain"]
             ratios = "–"

@@ -131,3 +131,28 @@ def test_rrr_solver_never_lowers_the_effect_fit(tmp_path):
     rows = [r for r in fit_report(out)["layers"] if "effect_r2_after" in r]
     assert rows and all(r["effect_r2_after"] >= r["effect_r2_before"] for r in rows)
     assert max(r["effect_r2_after"] - r["effect_r2_before"] for r in rows) > 0.05
+
+
+def test_saved_classifier_head_is_refitted_to_the_old_pairs_logits(tmp_path):
+    """An unrelated encoder pair: the weight-space map of the classifier explains little of the old logits;
+    the ridge refit on the new model's features explains more, and stock PEFT loads the result."""
+    from peft import LoraConfig, get_peft_model
+
+    old, new = shape_pair(tmp_path, {"hidden": 32, "layers": 2}, {"hidden": 48, "layers": 3}, family="bert")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(old, num_labels=3)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                  task_type="SEQ_CLS", init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "lora")
+    g = torch.Generator().manual_seed(0)
+    rows = [{"text": " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (8,), generator=g).tolist())}
+            for _ in range(200)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli("align", "--old", old, "--new", new, "--per-layer-transfer", "-o", tmp_path / "align")
+    out = tmp_path / "t"
+    cli("transfer", "--align", tmp_path / "align", "--adapter", tmp_path / "lora", "--prompts", tmp_path / "p.jsonl",
+        "--fit-steps", 0, "-o", out)
+    heads = fit_report(out)["heads"]
+    assert heads, "no saved head was refitted"
+    for fit in heads.values():
+        assert fit["output_r2_after"] > max(fit["output_r2_before"], 0.0)  # beats the weight-space map and the mean

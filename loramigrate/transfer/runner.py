@@ -19,7 +19,7 @@ from loramigrate.evaluate import read_task
 from loramigrate.models import load_model, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 from loramigrate.transfer.core import TransferOptions, locate, normed_input_map, pseudo_inverse, transfer_adapter
-from loramigrate.transfer.data_aware import FitOptions, data_aware_transfer
+from loramigrate.transfer.data_aware import FitOptions, active_copy, data_aware_transfer
 
 log = logging.getLogger(__name__)
 STAGE = "transfer"
@@ -201,8 +201,7 @@ def _fit_with_data(cfg: TransferConfig, alignment: Alignment, adapter: LoraAdapt
     extra = {}
     for key in result.extra:
         module, _, param = key.rpartition(".")
-        copies = inner.get_submodule(module).modules_to_save
-        extra[key] = getattr(copies["default"], param).detach().float().cpu()
+        extra[key] = getattr(active_copy(inner.get_submodule(module)), param).detach().float().cpu()
     return LoraAdapter(config=result.config, modules=modules, extra=extra), report
 
 
