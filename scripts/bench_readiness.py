@@ -9,8 +9,10 @@ each as the FIRST evaluation that reaches the level and as the SUSTAINED one (fr
 evaluation stays at or above it). Seconds of a migrated arm include its transfer's wall time (and
 the alignment's, in full and shared by 10 adapters); step counts are free of machine noise.
 
-Arms: retrain (a fresh LoRA, the standard recipe: --retrain-args) and one migrated arm per --init
-NAME=DIR (its own recipe: --migrated-args), each with every --seeds value (batch order; fresh init).
+Arms: retrain (a fresh LoRA, the standard recipe: --retrain-args), one migrated arm per --init
+NAME=DIR (its own recipe: --migrated-args, or --arm-args NAME=ARGS for that arm alone, e.g. a distilled
+arm with --teacher old), and with --scratch N a fresh LoRA on the first N training examples (the retrain
+recipe); each with every --seeds value (batch order; fresh init).
 
 Example (Qwen2.5-Coder 0.5B → 1.5B, 2-digit multiplication):
   python scripts/bench_readiness.py --old-base $C/models/qwen2.5-coder-0.5b --new-base $C/models/qwen2.5-coder-1.5b \
@@ -76,6 +78,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--retrain-args", default="--lr 5e-4 --warmup 10 --rank 16 --alpha 32")
     ap.add_argument("--migrated-args", default="--lr 2e-4")
+    ap.add_argument("--arm-args", action="append", default=[], help="NAME=ARGS: finetune options of one --init arm")
+    ap.add_argument("--scratch", type=int, default=0, help="add a fresh arm trained on the first N examples only")
     args = ap.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -83,21 +87,30 @@ def main() -> None:
     from loramigrate.evaluate import METRIC, read_task
 
     metric = METRIC[read_task(val, 1).kind]
-    common = ["--data", train, "--val", val, "--steps", args.steps, "--eval-every", args.eval_every,
+    common = ["--val", val, "--steps", args.steps, "--eval-every", args.eval_every,
               "--eval-limit", args.eval_limit, "--batch-size", args.batch_size]
     service = val_score(w, "old", args.old_base, args.old_adapter, val, args.eval_limit, metric)
     inits = dict(item.split("=", 1) for item in args.init)
-    start = {"retrain": val_score(w, "new", args.new_base, None, val, args.eval_limit, metric)}
+    arm_args = {n: args.migrated_args for n in inits} | dict(item.split("=", 1) for item in args.arm_args)
+    fresh = {"retrain": train}
+    if args.scratch:
+        fresh[f"scratch-{args.scratch}"] = w / f"train-first{args.scratch}.jsonl"
+        fresh[f"scratch-{args.scratch}"].write_text("".join(train.read_text().splitlines(True)[: args.scratch]))
+    new_alone = val_score(w, "new", args.new_base, None, val, args.eval_limit, metric)
+    start = {n: new_alone for n in fresh}
     start.update({n: val_score(w, n, args.new_base, Path(d), val, args.eval_limit, metric) for n, d in inits.items()})
-    offset = {"retrain": 0.0, **{n: manifest(Path(d))["wall_s"] for n, d in inits.items()}}
+    offset = {**{n: 0.0 for n in fresh}, **{n: manifest(Path(d))["wall_s"] for n, d in inits.items()}}
     align_s = manifest(args.align)["wall_s"]
     runs: dict[str, list[dict]] = {}
-    for arm in ["retrain", *inits]:
+    for arm in [*fresh, *inits]:
         for seed in args.seeds:
             out = w / f"{arm}-s{seed}"
-            extra = shlex.split(args.retrain_args if arm == "retrain" else args.migrated_args)
-            init = ["--init", "fresh"] if arm == "retrain" else ["--init", inits[arm]]
-            sh("finetune", "--base", args.new_base, *init, *common, *extra, "--seed", seed, "-o", out)
+            if arm in fresh:
+                init, data, extra = "fresh", fresh[arm], args.retrain_args
+            else:
+                init, data, extra = inits[arm], train, arm_args[arm]
+            sh("finetune", "--base", args.new_base, "--init", init, "--data", data, *common, *shlex.split(extra),
+               "--seed", seed, "-o", out)
             steps = [(0.0, start[arm]), *curve(out, metric, "step")]
             secs = [(offset[arm], start[arm]), *((s + offset[arm], v) for s, v in curve(out, metric))]
             runs.setdefault(arm, []).append({"seed": seed, "steps": steps, "secs": secs})
