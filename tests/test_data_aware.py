@@ -9,7 +9,7 @@ from peft import PeftModel
 from typer.testing import CliRunner
 
 from loramigrate.cli.main import app
-from loramigrate.transfer.data_aware import reduced_rank_fit, ridge_fit
+from loramigrate.transfer.data_aware import reduced_rank_fit, ridge_fit, sink_tokens
 from tests.conftest import shape_pair
 from tests.helpers import WORDS, make_lora
 
@@ -156,3 +156,16 @@ def test_saved_classifier_head_is_refitted_to_the_old_pairs_logits(tmp_path):
     assert heads, "no saved head was refitted"
     for fit in heads.values():
         assert fit["output_r2_after"] > max(fit["output_r2_before"], 0.0)  # beats the weight-space map and the mean
+
+
+def test_sink_tokens_flags_a_massive_token_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    layers = [[torch.randn(2, 6, 16, generator=g)] for _ in range(3)]
+    layers[1][0][1, 0, 5] = 500.0  # batch row 1, first position: a sink in the middle layer only
+    layers[2][0][0, 5, :] = 900.0  # padded position: never a kept token, never a sink
+    mask = torch.ones(2, 6)
+    mask[0, 5] = 0
+    (sinks,) = sink_tokens(layers, [mask])
+    expected = torch.zeros(2, 6, dtype=torch.bool)
+    expected[1, 0] = True
+    assert torch.equal(sinks, expected)

@@ -15,6 +15,10 @@ order with the already migrated ones active, so errors do not compound (sequenti
 GPTQ does). Whole-model passes are forward only; a block's fit back-propagates through that block alone.
 Saved heads (``modules_to_save`` linears such as a pooler or classifier) are then refitted by ridge
 least squares, in forward order, from the migrated model's inputs to the old pair's outputs.
+
+Attention-sink tokens with massive activations (in Qwen2.5 the first token's peak |h| is ~300× a
+typical token's) are left out of every per-token fit: one such row outweighs thousands of others in a
+least-squares loss, and the fitted maps then carry the adapter's effect into the wrong directions.
 """
 
 from __future__ import annotations
@@ -99,6 +103,21 @@ def block_io(model: nn.Module, batch: Batch) -> tuple[list[Call], list[torch.Ten
 def _tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T, d) → (n, d): the positions the attention mask keeps."""
     return x[mask.bool()]
+
+
+SINK_RATIO = 20.0  # a token whose peak |h| in some layer exceeds this × the median token's is a sink
+
+
+def sink_tokens(streams: list[list[torch.Tensor]], masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per batch, the kept positions that are attention sinks with massive activations in some layer
+    of ``streams`` (per layer, a (B, T, d) tensor per batch)."""
+    sinks = [torch.zeros_like(m, dtype=torch.bool) for m in masks]
+    for layer in streams:
+        peaks = [h.abs().amax(-1) for h in layer]
+        median = torch.cat([p[m.bool()] for p, m in zip(peaks, masks, strict=True)]).median()
+        for s, p, m in zip(sinks, peaks, masks, strict=True):
+            s |= (p > SINK_RATIO * median) & m.bool()
+    return sinks
 
 
 def ridge_path(x: torch.Tensor, y: torch.Tensor, ridges: tuple[float, ...], bias: bool = False) -> list[torch.Tensor]:
@@ -287,10 +306,11 @@ def fit_block(fit: BlockFit, opts: FitOptions) -> tuple[float, float]:
 
 def migrate_layers(new_model: nn.Module, batches: list[Batch], layer_map: list[int | None],
                    effects: dict[int, list[torch.Tensor]], old_plain: dict[int, list[torch.Tensor]],
-                   opts: FitOptions, progress: ProgressFn = no_progress) -> list[dict]:
+                   opts: FitOptions, progress: ProgressFn = no_progress) -> tuple[list[dict], int]:
     """Fit every adapted block of ``new_model`` (a PEFT model, trained in place), in order.
 
-    Returns one report row per new layer: source layer, T_j fit R², effect R² before and after.
+    Returns one report row per new layer (source layer, T_j fit R², effect R² before and after) and the
+    number of sink tokens left out of the fits.
     """
     blocks = blocks_of(new_model)
     spec = model_spec(new_model.get_base_model())
@@ -301,6 +321,9 @@ def migrate_layers(new_model: nn.Module, batches: list[Batch], layer_map: list[i
     masks = [b["attention_mask"].float() for b in batches]
     with new_model.disable_adapter():
         ios = [block_io(new_model, b) for b in batches]
+    new_streams = [[io[1][j] for io in ios] for j in range(len(blocks))]
+    sinks = sink_tokens([*new_streams, *old_plain.values()], masks)
+    masks = [m * ~s for m, s in zip(masks, sinks, strict=True)]
     calls = [[io[0][j] for io in ios] for j in range(len(blocks))]
     base_in = [_hidden_input(io[0][0]) for io in ios]
     x_plain, x_mig = list(base_in), list(base_in)
@@ -309,7 +332,7 @@ def migrate_layers(new_model: nn.Module, batches: list[Batch], layer_map: list[i
         p.requires_grad_(False)
     src = None
     for j, block in enumerate(blocks):
-        base_out = [io[1][j] for io in ios]
+        base_out = new_streams[j]
         src = layer_map[j] if layer_map[j] is not None else src  # unmapped: the last source layer above
         row: dict = {"layer": j, "source_layer": layer_map[j], "effect_of_old_layer": src}
         if src is not None:
@@ -335,7 +358,7 @@ def migrate_layers(new_model: nn.Module, batches: list[Batch], layer_map: list[i
         x_plain = base_out
         report.append(row)
         progress("data-aware transfer", j + 1, len(blocks))
-    return report
+    return report, int(sum(s.sum() for s in sinks))
 
 
 def _hidden_input(call: Call) -> torch.Tensor:
@@ -411,8 +434,8 @@ def data_aware_transfer(old_model: nn.Module, new_model: nn.Module, batches: lis
     """Refit ``new_model``'s adapter (loaded with the weight-space transfer) in place; returns the report."""
     sources = {s for s in layer_map if s is not None}
     effects, plain = old_effects(old_model, batches, sources)
-    layers = migrate_layers(new_model, batches, layer_map, effects, plain, opts, progress)
+    layers, sinks = migrate_layers(new_model, batches, layer_map, effects, plain, opts, progress)
     del effects, plain
     head_report = refit_heads(old_model, new_model, heads, batches, max_head_out) if opts.fit_heads else {}
-    return {"layers": layers, "heads": head_report}
+    return {"layers": layers, "heads": head_report, "sink_tokens_left_out": sinks}
 
