@@ -38,6 +38,8 @@ class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
 Seed = Annotated[int, Field(description="Random seed; the same seed gives the same artifacts.")]
 
 
@@ -46,9 +48,9 @@ class ModelLoadConfig(_Config):
 
     model_config = ConfigDict(title="Model loading")  # the options' panel in --help
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "auto", description="Model dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (cuda when available), cpu or cuda.")
+    device: Device = Field("auto", description="auto (cuda when available), cpu or cuda.")
 
 
 class AlignConfig(_Config):
