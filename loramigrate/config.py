@@ -1,4 +1,9 @@
-"""Typed, frozen stage configs. Recipes and CLI options both resolve into these."""
+"""Typed, frozen stage configs. Recipes and CLI options both resolve into these.
+
+Each field is its option's one definition: type, default, range, choices and, as ``description``, the help
+text the CLI shows (cli/_options.py). A ``Literal`` that names methods lists its registry's keys
+(LAYER_MAPPERS, HEAD_MATCHERS, …); tests/test_cli.py holds them equal.
+"""
 
 from __future__ import annotations
 
@@ -33,108 +38,150 @@ class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+Seed = Annotated[int, Field(description="Random seed; the same seed gives the same artifacts.")]
+
+
 class ModelLoadConfig(_Config):
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """How a stage loads its models (a recipe's ``load:`` and each section's own)."""
+
+    model_config = ConfigDict(title="Model loading")  # the options' panel in --help
+
+    dtype: Dtype = Field(
+        "auto", description="Model dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16.")
+    device: Device = Field("auto", description="auto (cuda when available), cpu or cuda.")
 
 
 class AlignConfig(_Config):
     """Options of the align stage (base pair only)."""
 
-    old: str  # model directory, .gguf file or hub id
-    new: str
-    calib: str | None = None  # .txt or .jsonl; None = the text shipped with loramigrate
-    max_tokens: int = Field(4096, ge=16)  # calibration tokens; more = steadier CKA, linear time
-    seq_len: int = Field(128, ge=4)
-    batch_size: int = Field(8, ge=1)
-    cka: Literal["auto", "feature", "minibatch"] = "auto"  # auto: exact when it fits cka_max_mb
-    cka_chunk: int = Field(512, ge=4)  # rows per unbiased-HSIC chunk (minibatch estimator)
-    cka_max_mb: int = Field(1024, ge=1)
-    row_norm: bool = True  # unit-length rows: massive-activation tokens do not dominate CKA
-    layer_map: Literal["cka_dp", "uniform", "first", "last"] = "cka_dp"
-    head_match: Literal["hungarian", "identity"] = "hungarian"
-    # weights: QK/OV circuit cosines (data-free); activations: CKA of head outputs on the calibration
-    # text, which also fits the value-space maps (one more forward pass)
-    head_similarity: Literal["weights", "activations"] = "weights"
-    head_sketch: int | None = Field(None, ge=8)  # random projection of hidden for head circuits: faster, approximate
-    mlp_match: Literal["auto", "hungarian", "mutual_best", "greedy", "identity"] = "auto"
-    # weights: gate/up rows and down columns through T; activations: correlation of MLP activations
-    # on the first `mlp_tokens` calibration tokens (memory ∝ mlp_tokens × intermediate × layers)
-    mlp_similarity: Literal["weights", "activations"] = "weights"
-    mlp_tokens: int = Field(1024, ge=8)
-    transfer: Literal["procrustes", "lstsq"] = "procrustes"
-    ridge: float = Field(1e-4, ge=0)  # lstsq only, relative to the mean embedding energy
-    per_layer_transfer: bool = False  # also fit T per mapped layer on activations: one more forward pass
+    old: str = Field(description="Old base model: HF directory, .gguf file or hub id.")
+    new: str = Field(description="New base model: HF directory, .gguf file or hub id.")
+    calib: str | None = Field(None, description="Calibration text (.txt or .jsonl); default: the shipped text.")
+    max_tokens: int = Field(4096, ge=16, description="Calibration tokens to use; more = steadier CKA, linear time.")
+    seq_len: int = Field(128, ge=4, description="Tokens per calibration sequence.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    cka: Literal["auto", "feature", "minibatch"] = Field(
+        "auto", description="CKA estimator: feature (exact), minibatch (unbiased HSIC over chunks) or auto "
+        "(exact when it fits --cka-max-mb).")
+    cka_chunk: int = Field(512, ge=4, description="Rows per unbiased-HSIC chunk of the minibatch estimator.")
+    cka_max_mb: int = Field(1024, ge=1, description="MiB the exact estimator may use before auto picks minibatch.")
+    row_norm: bool = Field(True, description="Scale rows to unit length, so massive-activation tokens do not "
+                           "dominate CKA.")
+    layer_map: Literal["cka_dp", "uniform", "first", "last"] = Field("cka_dp", description="Layer mapper.")
+    head_match: Literal["hungarian", "identity"] = Field("hungarian", description="Head matcher.")
+    head_similarity: Literal["weights", "activations"] = Field(
+        "weights", description="Head similarity: weights (QK/OV circuit cosines, data-free) or activations (CKA of "
+        "head outputs on the calibration text, which also fits the value-space maps; one more forward pass).")
+    head_sketch: int | None = Field(None, ge=8, description="Project hidden onto this many random directions for "
+                                    "head matching (faster, approximate).")
+    mlp_match: Literal["auto", "hungarian", "mutual_best", "greedy", "identity"] = Field(
+        "auto", description="Neuron matcher; auto: hungarian up to 2048 neurons, mutual_best above.")
+    mlp_similarity: Literal["weights", "activations"] = Field(
+        "weights", description="Neuron similarity: weights (gate/up rows and down columns through T) or activations "
+        "(correlation of MLP activations on the first --mlp-tokens calibration tokens).")
+    mlp_tokens: int = Field(1024, ge=8, description="Calibration tokens of the activation neuron similarity "
+                            "(memory ∝ tokens × intermediate size × layers).")
+    transfer: Literal["procrustes", "lstsq"] = Field("procrustes", description="Transfer matrix fit.")
+    ridge: float = Field(1e-4, ge=0, description="Ridge of the lstsq fit, relative to the mean embedding energy.")
+    per_layer_transfer: bool = Field(False, description="Also fit a transfer matrix per mapped layer on calibration "
+                                     "activations (one more forward pass).")
     load: ModelLoadConfig = ModelLoadConfig()
-    seed: int = 0
+    seed: Seed = 0
 
 
 class TransferConfig(_Config):
     """Options of the transfer stage (one adapter, one alignment)."""
 
-    align: str  # align stage directory
-    adapter: str  # old PEFT LoRA directory
-    rank: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None  # None: each keeps its rank; auto: `energy`
-    energy: float = Field(0.99, gt=0, le=1)  # fraction of Σσ² kept by rank=auto
-    keep_norm_ratio: bool = True  # rescale so ‖ΔW‖/‖W‖ matches the old module's
-    fill: Literal["none", "nearest", "interpolate"] = "none"  # new layers that have no source layer
-    verify: bool = True  # reload the output with stock PEFT on the new base and check every module
-    # data-aware transfer: refit the mapped adapter on the task's inputs so each new block reproduces the
-    # old adapter's effect on the residual stream (loads both bases; forward passes + a small fit per block)
-    prompts: str | None = None  # JSONL with 'prompt' (+ 'completion') or 'text' fields; None: weight-space only
-    prompt_limit: int = Field(256, ge=1)  # first N rows of `prompts`
-    max_len: int = Field(128, ge=4)
-    batch_size: int = Field(16, ge=1)
-    # block: Adam on every LoRA factor of a block (backprop through that block alone); rrr: closed-form
-    # reduced-rank regression of the residual writers o/down (forward passes only; pre-norm models)
-    fit_solver: Literal["block", "rrr"] = "block"
-    fit_steps: int = Field(30, ge=0)  # Adam steps per block (full passes over the prompts; block solver)
-    fit_lr: float = Field(1e-3, gt=0)
-    fit_heads: bool = True  # ridge-refit saved linear heads (pooler, classifier) to the old pair's outputs
+    align: str = Field(description="Alignment directory written by `loramigrate align`.")
+    adapter: str = Field(description="Old PEFT LoRA adapter directory (trained on the old base).")
+    rank: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, description="New rank: an integer, or auto (keep --energy); default: each module keeps its old rank.")
+    energy: float = Field(0.99, gt=0, le=1, description="Fraction of singular-value energy (Σσ²) kept by --rank auto.")
+    keep_norm_ratio: bool = Field(True, description="Rescale so ‖ΔW‖/‖W‖ of each module matches the old one's.")
+    fill: Literal["none", "nearest", "interpolate"] = Field("none", description="What new layers without a source "
+                                                             "layer receive.")
+    verify: bool = Field(True, description="Reload the result with stock PEFT on the new base and check every module.")
+    # data-aware transfer: refit the mapped adapter on the task's inputs so each new block reproduces the old adapter's
+    # effect on the residual stream (loads both bases; forward passes + a small fit per block)
+    prompts: str | None = Field(None, description="Task inputs (JSONL 'prompt' [+ 'completion'] or 'text'): refit the "
+                                "transfer so each new block reproduces the old adapter's effect (data-aware; loads "
+                                "both bases); default: weight-space only.")
+    prompt_limit: int = Field(256, ge=1, description="Rows of --prompts used (the first N).")
+    max_len: int = Field(128, ge=4, description="Tokens per prompt.")
+    batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
+    fit_solver: Literal["block", "rrr"] = Field(
+        "block", description="Data-aware fit: block (Adam on every LoRA factor of a block, backprop through that "
+        "block alone) or rrr (closed-form reduced-rank regression of o/down; forward passes only, pre-norm models).")
+    fit_steps: int = Field(30, ge=0, description="Adam steps per block of the data-aware fit (full passes over the "
+                           "prompts; block solver).")
+    fit_lr: float = Field(1e-3, gt=0, description="Learning rate of the data-aware fit.")
+    fit_heads: bool = Field(True, description="Ridge-refit saved linear heads (pooler, classifier) to the old pair's "
+                            "outputs.")
     load: ModelLoadConfig = ModelLoadConfig()
 
 
 class FinetuneConfig(_Config):
     """Options of the finetune stage (also trains fresh adapters for baselines)."""
 
-    base: str  # the (new) base model
-    init: str = "fresh"  # PEFT adapter directory to start from, or "fresh"
-    data: str  # training JSONL: prompt/completion rows, or text/label rows (trains a classification head)
-    val: str | None = None  # validation JSONL; None = the last 10 % of data
-    rank: int = Field(16, ge=1)  # fresh adapters only
-    alpha: float = Field(32, gt=0)  # fresh adapters only
-    targets: list[str] | None = None  # fresh adapters only; None: every linear of the blocks (from the architecture)
-    steps: int = Field(100, ge=1)
-    epochs: float | None = Field(None, gt=0)  # when set, replaces `steps` by the steps that pass over the data this often
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)  # micro-batches of batch_size per optimiser step
-    max_len: int = Field(128, ge=8)
-    lr: float = Field(3e-4, gt=0)
-    lora_plus_ratio: float = Field(1.0, ge=1)  # LoRA+: lr of B = ratio × lr of A
-    warmup: int = Field(0, ge=0)  # linear warm-up steps before the decay
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up, to 10 % of lr at the end
-    reg_lambda: float = Field(0.0, ge=0)  # λ at the start of ‖sBA − s₀B₀A₀‖² toward the init
-    reg_final: float = Field(0.0, ge=0)  # λ at the end
-    reg_schedule: Literal["constant", "step", "linear", "cosine", "exponential"] = "step"
-    reg_switch: float = Field(0.5, ge=0, le=1)  # where the step schedule relaxes, as a fraction of steps
-    reg_toward: Literal["init", "zero"] = "init"  # zero = plain weight decay on the delta (ablation)
-    rebalance: Literal["none", "scalar", "full"] = "none"  # RefLoRA factor rebalancing after each step
-    restart_every: int = Field(0, ge=0)  # ReLoRA: merge the factors into the base and restart every N steps (0: off)
-    restart_prune: float = Field(0.99, ge=0, le=1)  # fraction of optimiser moments zeroed at a restart (by magnitude)
-    restart_warmup: int = Field(5, ge=0)  # steps to re-warm the learning rate after a restart
-    eval_every: int = Field(20, ge=1)
-    eval_limit: int = Field(100, ge=1)
-    target: str | None = None  # "exact_match=0.8", "accuracy=0.6" or "loss=0.2": stop at the first evaluation reaching it
-    # distillation (finetune/teacher.py TEACHERS): old = the old base + old adapter; proxy = the new base steered
-    # by the old adapter's logit offset (generation, shared vocabulary). Rows without targets then get the teacher's
-    teacher: Literal["none", "old", "proxy"] = "none"
-    teacher_base: str | None = None  # the old base
-    teacher_adapter: str | None = None  # the old adapter
-    distill_temperature: float = Field(1.0, gt=0)  # > 1 softens both distributions; the KL is scaled by T²
-    distill_weight: float = Field(1.0, ge=0, le=1)  # loss = w·KL + (1 − w)·task loss
-    teacher_new_tokens: int = Field(32, ge=1)  # greedy completion of a prompts-only row: at most this many tokens
-    seed: int = 0
+    base: str = Field(description="Base model (the new one): HF directory, .gguf file or hub id.")
+    init: str = Field("fresh", description="Adapter directory to start from, or 'fresh'.")
+    data: str = Field(description="Training JSONL: prompt/completion rows, or text/label rows (trains a classification "
+                      "head); with --teacher, prompts or texts alone are enough.")
+    val: str | None = Field(None, description="Validation JSONL; default: the last 10 % of --data.")
+    rank: int = Field(16, ge=1, description="Rank of a fresh adapter.")
+    alpha: float = Field(32, gt=0, description="lora_alpha of a fresh adapter.")
+    targets: list[str] | None = Field(None, description="Comma-separated target modules of a fresh adapter; default: "
+                                      "every linear of the transformer blocks (from the architecture).")
+    steps: int = Field(100, ge=1, description="Optimiser steps.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the data (replaces --steps).")
+    batch_size: int = Field(16, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    max_len: int = Field(128, ge=8, description="Tokens per example (prompt + completion).")
+    lr: float = Field(3e-4, gt=0, description="Learning rate of A (and of B times --lora-plus-ratio).")
+    lora_plus_ratio: float = Field(1.0, ge=1, description="LoRA+: learning-rate ratio of B to A.")
+    warmup: int = Field(0, ge=0, description="Linear warm-up steps before the decay.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warm-up, to 10 % of --lr at the end.")
+    reg_lambda: float = Field(0.0, ge=0, description="λ of ‖sBA − s₀B₀A₀‖² toward the init at the start.")
+    reg_final: float = Field(0.0, ge=0, description="λ at the end.")
+    reg_schedule: Literal["constant", "step", "linear", "cosine", "exponential"] = Field(
+        "step", description="How λ goes from --reg-lambda to --reg-final.")
+    reg_switch: float = Field(0.5, ge=0, le=1, description="Where the step schedule relaxes (fraction of steps).")
+    reg_toward: Literal["init", "zero"] = Field("init", description="zero: plain weight decay on the delta (ablation).")
+    rebalance: Literal["none", "scalar", "full"] = Field("none", description="RefLoRA factor rebalancing after each "
+                                                         "step.")
+    restart_every: int = Field(0, ge=0, description="ReLoRA: merge the factors into the base and restart every N steps "
+                               "(0: off).")
+    restart_prune: float = Field(0.99, ge=0, le=1, description="Fraction of optimiser moments zeroed at a restart (by "
+                                 "magnitude).")
+    restart_warmup: int = Field(5, ge=0, description="Steps to re-warm the learning rate after a restart.")
+    eval_every: int = Field(20, ge=1, description="Evaluate (and checkpoint) every N steps.")
+    eval_limit: int = Field(100, ge=1, description="Validation examples used per evaluation.")
+    target: str | None = Field(None, description="Stop at the first evaluation reaching it: exact_match=0.8, "
+                               "accuracy=0.6 or loss=0.2.")
+    # distillation (finetune/teacher.py TEACHERS); rows without targets then get the teacher's
+    teacher: Literal["none", "old", "proxy"] = Field(
+        "none", description="Distil from: old (old base + old adapter) or proxy (the new base plus the old adapter's "
+        "logit offset; generation, same vocabulary).")
+    teacher_base: str | None = Field(None, description="The old base, with --teacher.")
+    teacher_adapter: str | None = Field(None, description="The old adapter, with --teacher.")
+    distill_temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KL: > 1 softens both "
+                                       "distributions; the KL is scaled by T².")
+    distill_weight: float = Field(1.0, ge=0, le=1, description="loss = w·KL + (1 − w)·task loss, with --teacher.")
+    teacher_new_tokens: int = Field(32, ge=1, description="Most tokens of a teacher's greedy completion of a "
+                                    "prompts-only row.")
+    seed: Seed = 0
     load: ModelLoadConfig = ModelLoadConfig()
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """``"q_proj,v_proj"`` (the CLI's and --set's form) → a list; empty → None."""
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()] or None
+        return value
 
     @field_validator("target")
     @classmethod
@@ -152,42 +199,50 @@ class FinetuneConfig(_Config):
 class EvalConfig(_Config):
     """Options of an evaluation (the eval command, a recipe's eval section)."""
 
-    limit: int | None = Field(None, ge=1)  # first N test examples
-    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1, description="Use the first N test examples.")
+    batch_size: int = Field(16, ge=1, description="Examples per forward pass.")
+    load: ModelLoadConfig = ModelLoadConfig()
 
 
 class SearchConfig(_Config):
     """Options of the search stage (one transferred adapter, one alignment)."""
 
-    align: str  # align stage directory
-    transfer: str  # transfer stage directory (of this alignment)
-    data: str  # validation JSONL the trials are scored on
-    limit: int = Field(64, ge=1)  # examples of `data` scored per trial (the first N: a fixed split)
-    n_trials: int = Field(30, ge=1)  # finished (completed or pruned) trials in total, across workers and reruns
-    timeout: float | None = Field(None, gt=0)  # seconds for this invocation
-    space: Literal["global", "groups"] = "groups"  # global: the two-coefficient α, β search
-    sampler: Literal["auto", "gp", "tpe"] = "auto"  # auto: gp, or tpe for the multi-fidelity objective
-    storage: str | None = None  # Optuna storage URL or journal file; None: study.db in the output directory
-    study: str = "loramigrate-search"
+    align: str = Field(description="Align stage directory.")
+    transfer: str = Field(description="Transfer stage directory made with this alignment.")
+    data: str = Field(description="Validation JSONL the trials are scored on.")
+    limit: int = Field(64, ge=1, description="Validation examples scored per trial (the first N: a fixed split).")
+    n_trials: int = Field(30, ge=1, description="Finished (completed or pruned) trials in total, across workers and "
+                          "reruns.")
+    timeout: float | None = Field(None, gt=0, description="Stop starting trials after this many seconds.")
+    space: Literal["global", "groups"] = Field(
+        "groups", description="groups: α, β, γ per attention/MLP × early/middle/late; global: one α and one β.")
+    sampler: Literal["auto", "gp", "tpe"] = Field(
+        "auto", description="gp (Gaussian process + EI), tpe (larger spaces; learns from pruned trials too) or auto "
+        "(gp; tpe with --fidelity-steps).")
+    storage: str | None = Field(None, description="Optuna storage URL (sqlite:///…, postgresql://…, mysql://…) or a "
+                                "journal file (*.log); default: study.db in the output directory.")
+    study: str = Field("loramigrate-search", description="Study name inside the storage.")
     # the space is scaled to the pair: wide ranges lose a small trial budget on separately trained bases
-    # α ∈ [alpha_min, alpha_max] scales the transferred delta: a band around 1
-    alpha_min: float = Field(0.5, ge=0, allow_inf_nan=False)
-    alpha_max: float = Field(1.5, gt=0, allow_inf_nan=False)
-    # β ∈ [−beta_max, beta_max] scales the base evolution W_new − W_old; None: auto, 1 where the alignment maps
-    # every layer and head to itself between same-shape bases (the weights only drifted), else 0 (β off)
-    beta_max: float | None = Field(None, ge=0, allow_inf_nan=False)
-    gamma_max: float = Field(0.5, ge=0, allow_inf_nan=False)  # γ ∈ [0, gamma_max] scales a seeded fresh direction
-    evolution_rank: int = Field(16, ge=1)
-    # search/core.py SCORES: loss = the validation loss on the labels; distill = KL(old pair ‖ new base + blend)
-    # on the validation inputs (no labels needed; the old base is the alignment's, the old adapter teacher_adapter)
-    objective: Literal["loss", "distill"] = "loss"
-    teacher_adapter: str | None = None  # the old adapter (distill)
-    fidelity_steps: int = Field(0, ge=0)  # > 0: a trial's value is the val loss after this many finetune steps
-    train: str | None = None  # training JSONL of those steps
-    fidelity_lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(16, ge=1)
-    max_len: int = Field(128, ge=8)
-    seed: int = 0
+    alpha_min: float = Field(0.5, ge=0, description="α ∈ [min, max] scales the transferred delta: a band around 1.")
+    alpha_max: float = Field(1.5, gt=0, description="Upper end of α.")
+    beta_max: float | None = Field(
+        None, ge=0, description="β ∈ [−max, max] scales the base evolution W_new − W_old; default: 1 for same-shape "
+        "bases whose layers and heads align one to one (the weights only drifted), else 0 (β off).")
+    gamma_max: float = Field(0.5, ge=0, description="γ ∈ [0, max] scales a seeded fresh direction.")
+    evolution_rank: int = Field(16, ge=1, description="Rank of the cached base-evolution view.")
+    # search/core.py SCORES
+    objective: Literal["loss", "distill"] = Field(
+        "loss", description="loss: validation loss on the labels; distill: KL(old pair ‖ new base + blend) on the "
+        "validation inputs (labels not needed).")
+    teacher_adapter: str | None = Field(None, description="The old adapter (--objective distill); its base is the "
+                                        "alignment's old model.")
+    fidelity_steps: int = Field(0, ge=0, description="Multi-fidelity objective: score a blend by its val loss after "
+                                "this many finetune steps on --train; poor trials are pruned (0: forward passes only).")
+    train: str | None = Field(None, description="Training JSONL of the multi-fidelity steps.")
+    fidelity_lr: float = Field(1e-3, gt=0, description="Learning rate of the multi-fidelity steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per forward pass.")
+    max_len: int = Field(128, ge=8, description="Tokens per example.")
+    seed: Seed = 0
     load: ModelLoadConfig = ModelLoadConfig()
 
     @model_validator(mode="after")

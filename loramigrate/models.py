@@ -7,18 +7,16 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
 from loramigrate.adapters import CONFIG
+from loramigrate.config import Device, Dtype
 from loramigrate.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-Device = Literal["auto", "cpu", "cuda"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from loramigrate.align import run_align
 from loramigrate.artifacts import hash_inputs, is_up_to_date, read_manifest, refuse_overlap, stage_output
-from loramigrate.config import ModelLoadConfig
 from loramigrate.errors import ConfigError
 from loramigrate.evaluate import EvalResult, evaluate_pairs, read_task, with_flips, with_gap
 from loramigrate.finetune.runner import run_finetune
@@ -122,16 +121,16 @@ def run_eval(recipe: Recipe, r: AdapterRun, out_dir: Path, progress: ProgressFn 
     arms = {"transfer": r.dirs["transfer"], **{s: r.dirs[s] for s in ("search", "finetune") if s in r.dirs}}
     inputs = hash_inputs({"old": recipe.old, "new": recipe.new, "adapter": r.source, "data": recipe.data.test,
                           **{k: str(v) for k, v in arms.items()}})
-    task = read_task(recipe.data.test, recipe.eval.limit)
+    opts = recipe.eval_config()
+    task = read_task(recipe.data.test, opts.limit)
     proxy = task.kind == "generation" and shared_vocabulary(resolve_model(recipe.old), resolve_model(recipe.new))
-    config = {"limit": recipe.eval.limit, "batch_size": recipe.eval.batch_size, "proxy_arm": proxy}
+    config = {**opts.model_dump(), "proxy_arm": proxy}
     if not force and is_up_to_date(out_dir, "eval", config, inputs):
         return out_dir
-    load = ModelLoadConfig()
     with stage_output(out_dir, "eval", config, inputs) as run:
-        (reference,) = evaluate_pairs(recipe.old, [r.source], task, recipe.eval.batch_size, load, progress,
+        (reference,) = evaluate_pairs(recipe.old, [r.source], task, opts.batch_size, opts.load, progress,
                                       include_base=False)
-        new = evaluate_pairs(recipe.new, [r.source, *map(str, arms.values())], task, recipe.eval.batch_size, load,
+        new = evaluate_pairs(recipe.new, [r.source, *map(str, arms.values())], task, opts.batch_size, opts.load,
                              progress)
         by_dir = {res.adapter: res for res in new[1:]}  # an adapter that does not load has no result
         labels = {"transfer": "transfer only", "search": "searched init", "finetune": "final (finetuned)"}
@@ -140,7 +139,7 @@ def run_eval(recipe: Recipe, r: AdapterRun, out_dir: Path, progress: ProgressFn 
                    *((labels[stage], by_dir[str(path)]) for stage, path in arms.items())]
         if proxy:
             results.append(("proxy ensemble", evaluate_proxy(recipe.new, recipe.old, r.source, task,
-                                                             recipe.eval.batch_size, load, progress)))
+                                                             opts.batch_size, opts.load, progress)))
         rows = [_row(arm, res, reference, new[0]) for arm, res in results]
         (run.tmp_dir / RESULTS).write_text(json.dumps({"metric": reference.metric, "results": rows}, indent=2))
     return out_dir

@@ -15,7 +15,15 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from loramigrate.config import AlignConfig, EvalConfig, FinetuneConfig, SearchConfig, TransferConfig, _Config
+from loramigrate.config import (
+    AlignConfig,
+    EvalConfig,
+    FinetuneConfig,
+    ModelLoadConfig,
+    SearchConfig,
+    TransferConfig,
+    _Config,
+)
 from loramigrate.errors import ConfigError
 
 STAGES = ("align", "transfer", "search", "finetune", "eval")
@@ -62,11 +70,12 @@ class Recipe(_Config):
     new: str
     adapters: list[str] = Field(min_length=1)
     data: TaskData
+    load: ModelLoadConfig = ModelLoadConfig()  # every stage's; a section's own `load:` overrides it key by key
     align: dict[str, Any] = {}
     transfer: dict[str, Any] = {}
     search: dict[str, Any] | None = {}  # null: skip the stage (finetune starts from the transfer)
     finetune: dict[str, Any] | None = {}  # null: skip the stage (the final adapter is the search's or transfer's)
-    eval: EvalConfig = EvalConfig()
+    eval: dict[str, Any] = {}
 
     _paths = field_validator("old", "new", mode="before")(lambda cls, v: _expand(v))
 
@@ -80,7 +89,8 @@ class Recipe(_Config):
         """Build every stage config once with placeholder links, so a bad option fails at load time."""
         builds = {"align": self.align_config, "transfer": lambda: self.transfer_config("ALIGN", "ADAPTER"),
                   "search": lambda: self.search is None or self.search_config("ALIGN", "TRANSFER", "ADAPTER"),
-                  "finetune": lambda: self.finetune is None or self.finetune_config("INIT", "ADAPTER")}
+                  "finetune": lambda: self.finetune is None or self.finetune_config("INIT", "ADAPTER"),
+                  "eval": self.eval_config}
         for section, build in builds.items():
             try:
                 build()
@@ -89,12 +99,19 @@ class Recipe(_Config):
                 raise ValueError(f"{section}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         return self
 
+    def _section(self, name: str) -> dict[str, Any]:
+        """A stage's section with its paths expanded and the recipe's load under its own."""
+        section = _with_paths(getattr(self, name) or {})
+        own = section.get("load") or {}
+        section["load"] = {**self.load.model_dump(), **own} if isinstance(own, dict) else own
+        return section
+
     def align_config(self) -> AlignConfig:
-        return AlignConfig(old=self.old, new=self.new, **_with_paths(self.align))
+        return AlignConfig(old=self.old, new=self.new, **self._section("align"))
 
     def transfer_config(self, align: str, adapter: str) -> TransferConfig:
         """``prompts: train`` (or ``val``, ``test``) takes the data-aware transfer's inputs from that split."""
-        section = _with_paths(self.transfer)
+        section = self._section("transfer")
         if section.get("prompts") in SPLITS:
             section["prompts"] = getattr(self.data, section["prompts"])
         return TransferConfig(align=align, adapter=adapter, **section)
@@ -102,7 +119,7 @@ class Recipe(_Config):
     def search_config(self, align: str, transfer: str, source: str) -> SearchConfig:
         """``source`` is the old adapter being migrated: the ``distill`` objective's teacher (on the alignment's
         old base). The multi-fidelity objective (fidelity_steps > 0) trains on the recipe's data."""
-        search = self.search or {}
+        search = self._section("search")
         teacher = {"teacher_adapter": source} if search.get("objective") == "distill" else {}
         options = {"train": self.data.train if search.get("fidelity_steps") else None, **teacher, **search}
         return SearchConfig(align=align, transfer=transfer, data=self.data.val, **options)
@@ -110,10 +127,13 @@ class Recipe(_Config):
     def finetune_config(self, init: str, source: str) -> FinetuneConfig:
         """``source`` is the old adapter being migrated: with ``teacher: old`` or ``proxy`` it teaches, on the
         recipe's old base (unless the section names another teacher)."""
-        section = self.finetune or {}
+        section = self._section("finetune")
         teacher = {"teacher_base": self.old, "teacher_adapter": source} if section.get("teacher", "none") != "none" else {}
         return FinetuneConfig(base=self.new, init=init, data=self.data.train, val=self.data.val,
                               **{**teacher, **section})
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(**self._section("eval"))
 
 
 SPLITS = ("train", "val", "test")
@@ -149,9 +169,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), adapters: list[str] | None = None) -> Recipe:
-    """Read and validate a recipe, with ``--set`` overrides applied first and ``adapters`` (paths, taken
-    as they are) replacing the recipe's.
+def load_recipe(path: str | Path, overrides: list[str] = (), adapters: list[str] | None = None,
+                load: dict[str, str] | None = None) -> Recipe:
+    """Read and validate a recipe, with ``--set`` overrides applied first, ``adapters`` (paths, taken as they
+    are) replacing the recipe's, and ``load`` (``run --dtype/--device``) over every stage's load settings.
 
     Raises:
         ConfigError: unreadable YAML or invalid content, naming the field.
@@ -164,6 +185,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), adapters: list[str]
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path}: expected a mapping of sections")
     raw = apply_overrides(raw, list(overrides))
+    sections = ["", *(f"{s}." for s in STAGES if raw.get(s, {}) is not None)]  # null: a skipped stage stays skipped
+    raw = apply_overrides(raw, [f"{s}load.{k}={v}" for s in sections for k, v in (load or {}).items()])
     if adapters is not None:
         raw["adapters"] = adapters
     try:

@@ -1,4 +1,5 @@
-"""Bad input to every command but search: one red line naming the problem, exit code 1, nothing written
+"""Bad input to every command but search: one red line naming the problem, exit code 1 (or, for an option value
+typer cannot parse, its usage error naming the option, exit code 2), nothing written
 and no input changed.
 
     pytest tests/test_bad_input.py
@@ -97,7 +98,11 @@ def test_output_path_is_a_file(tiny_models, tmp_path):
 
 
 def test_invalid_option_value(tiny_models, tmp_path):
-    fails(tmp_path, tiny_models["llama"], tiny_models["llama"], "--layer-map", "zigzag", match="layer_map")
+    """A bad choice given as an option is a usage error (exit 2, the choices listed); through --set it meets the
+    config's validation (exit 1, one line)."""
+    result = runner.invoke(app, ["align", "--old", "a", "--new", "b", "-o", str(tmp_path / "o"), "--layer-map", "zigzag"])
+    assert result.exit_code == 2 and "'cka_dp', 'uniform', 'first', 'last'" in result.stderr, result.output
+    fails(tmp_path, tiny_models["llama"], tiny_models["llama"], "--set", "layer_map=zigzag", match="layer_map")
 
 
 def test_debug_env_shows_the_traceback(tiny_models, tmp_path, monkeypatch):
@@ -152,14 +157,6 @@ CASES = [  # (command line, a fragment of the one-line message)
     (align("--seq-len", "1"), "seq_len"),
     (align("--batch-size", "0"), "batch_size"),
     (align("--head-sketch", "2"), "head_sketch"),
-    (align("--cka", "exact"), "cka"),
-    (align("--head-match", "greedy"), "head_match"),
-    (align("--head-similarity", "logits"), "head_similarity"),
-    (align("--mlp-match", "random"), "mlp_match"),
-    (align("--mlp-similarity", "logits"), "mlp_similarity"),
-    (align("--transfer", "svd"), "transfer"),
-    (align("--dtype", "float8"), "dtype"),
-    (align("--device", "tpu"), "device"),
     (align("--calib", "{root}/missing.txt"), "missing.txt"),
     (align("-o", "{root}/dangling"), "dangling symlink"),
     (align("-o", "{model}/align"), "overlaps the input"),
@@ -170,14 +167,12 @@ CASES = [  # (command line, a fragment of the one-line message)
     (transfer("--energy", "0"), "energy"),
     (transfer("--energy", "1.5"), "energy"),
     (transfer("--energy", "nan"), "energy"),
-    (transfer("--fill", "everywhere"), "fill"),
     (transfer("--prompt-limit", "0"), "prompt_limit"),
     (transfer("--max-len", "2"), "max_len"),
     (transfer("--batch-size", "0"), "batch_size"),
     (transfer("--fit-steps", "-1"), "fit_steps"),
     (transfer("--fit-lr", "0"), "fit_lr"),
     (transfer("--fit-lr", "inf"), "fit_lr"),
-    (transfer("--device", "tpu"), "device"),
     (finetune("--rank", "0"), "rank"),
     (finetune("--alpha", "0"), "alpha"),
     (finetune("--alpha", "inf"), "alpha"),
@@ -190,13 +185,9 @@ CASES = [  # (command line, a fragment of the one-line message)
     (finetune("--lr", "nan"), "lr"),
     (finetune("--lora-plus-ratio", "0.5"), "lora_plus_ratio"),
     (finetune("--warmup", "-1"), "warmup"),
-    (finetune("--lr-schedule", "step"), "lr_schedule"),
     (finetune("--reg-lambda", "-1"), "reg_lambda"),
     (finetune("--reg-final", "inf"), "reg_final"),
-    (finetune("--reg-schedule", "sawtooth"), "reg_schedule"),
     (finetune("--reg-switch", "1.5"), "reg_switch"),
-    (finetune("--reg-toward", "base"), "reg_toward"),
-    (finetune("--rebalance", "half"), "rebalance"),
     (finetune("--restart-every", "-1"), "restart_every"),
     (finetune("--restart-prune", "2"), "restart_prune"),
     (finetune("--restart-warmup", "-1"), "restart_warmup"),
@@ -204,12 +195,10 @@ CASES = [  # (command line, a fragment of the one-line message)
     (finetune("--eval-limit", "0"), "eval_limit"),
     (finetune("--target", "accuracy"), "target"),
     (finetune("--target", "loss=inf"), "target"),
-    (finetune("--teacher", "wise"), "teacher"),
     (finetune("--teacher", "old"), "needs teacher_base and teacher_adapter"),
     (finetune("--distill-temperature", "0"), "distill_temperature"),
     (finetune("--distill-weight", "1.5"), "distill_weight"),
     (finetune("--teacher-new-tokens", "0"), "teacher_new_tokens"),
-    (finetune("--dtype", "half"), "dtype"),
     (finetune("--restart-every", "5", "--reg-lambda", "1"), "cannot be combined"),
     (finetune("--init", "{root}/a dir"), "not a PEFT adapter directory"),
     (finetune("--init", "{nan}"), "holds NaN or inf values"),
@@ -222,15 +211,21 @@ CASES = [  # (command line, a fragment of the one-line message)
     (evaluate("--limit", "-1"), "limit"),
     (evaluate("--json", "{root}/a dir"), "--json"),
     (evaluate("--json", "{root}/no/such/dir.json"), "--json"),
-    (evaluate("--dtype", "float8"), "dtype"),
     (evaluate("--reference-base", "{model}"), "go together"),
     (evaluate("--adapter", "{root}/a dir"), "not a PEFT adapter directory"),
+    (align("--set", "cka=exact"), "cka"),
+    (transfer("--set", "load.device=tpu"), "device"),
+    (transfer("--set", "bogus=1"), "bogus"),
+    (finetune("--set", "targets=bogus_proj"), "bogus_proj"),
+    (evaluate("--set", "limit=0"), "limit"),
     (run("--set", "finetune.steps=0"), "steps"),
     (run("--set", "finetune.steps=[1"), "not valid YAML"),
     (run("--set", "finetune.lr=.inf"), "lr"),
     (run("--set", "nokey"), "expected STAGE.KEY=VALUE"),
     (run("--set", "align.bogus=1"), "bogus"),
     (run("--set", "align.max_tokens=1"), "max_tokens"),
+    (run("--set", "load.dtype=float8"), "dtype"),
+    (run("--set", "eval.load.device=tpu"), "device"),
     (run("--set", "transfer.energy=2"), "energy"),
     (run("--set", "transfer.rank=0"), "rank"),
     (run("--set", "eval.batch_size=0"), "batch_size"),
@@ -246,3 +241,42 @@ CASES = [  # (command line, a fragment of the one-line message)
 def test_bad_input_table(inputs, tmp_path, args, match):
     fields = {k: str(v) for k, v in inputs.items()} | {"out": str(tmp_path / "out")}
     refused([a.format(**fields) for a in args], match, tmp_path, inputs["root"])
+
+
+USAGE = [  # option values typer cannot parse: its usage error, naming the option
+    (align("--cka", "exact"), "--cka"),
+    (align("--head-match", "greedy"), "--head-match"),
+    (align("--head-similarity", "logits"), "--head-similarity"),
+    (align("--mlp-match", "random"), "--mlp-match"),
+    (align("--mlp-similarity", "logits"), "--mlp-similarity"),
+    (align("--transfer", "svd"), "--transfer"),
+    (align("--dtype", "float8"), "--dtype"),
+    (align("--device", "tpu"), "--device"),
+    (align("--max-tokens", "many"), "--max-tokens"),
+    (align("--ridge", "small"), "--ridge"),
+    (transfer("--fill", "everywhere"), "--fill"),
+    (transfer("--device", "tpu"), "--device"),
+    (transfer("--energy", "most"), "--energy"),
+    (finetune("--lr-schedule", "step"), "--lr-schedule"),
+    (finetune("--reg-schedule", "sawtooth"), "--reg-schedule"),
+    (finetune("--reg-toward", "base"), "--reg-toward"),
+    (finetune("--rebalance", "half"), "--rebalance"),
+    (finetune("--teacher", "wise"), "--teacher"),
+    (finetune("--dtype", "half"), "--dtype"),
+    (finetune("--steps", "1e3"), "--steps"),
+    (finetune("--lr", "fast"), "--lr"),
+    (evaluate("--dtype", "float8"), "--dtype"),
+    (evaluate("--limit", "all"), "--limit"),
+    (run("--dtype", "float8"), "--dtype"),
+    (["search", "--align", "a", "--transfer", "t", "--data", "d", "-o", "{out}", "--n-trials", "ten"], "--n-trials"),
+]
+
+
+@pytest.mark.parametrize(("args", "option"), USAGE, ids=[" ".join(a[:1] + a[-2:]) for a, _ in USAGE])
+def test_unparsable_option_is_a_usage_error(inputs, tmp_path, args, option):
+    fields = {k: str(v) for k, v in inputs.items()} | {"out": str(tmp_path / "out")}
+    before = snapshot(tmp_path, inputs["root"])
+    result = runner.invoke(app, [a.format(**fields) for a in args])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.stderr and "Traceback" not in result.output, result.stderr
+    assert snapshot(tmp_path, inputs["root"]) == before and result.stdout == ""

@@ -84,6 +84,24 @@ def test_from_redoes_that_stage_and_the_later_ones(debug):
     assert len((debug / "run" / "water" / "finetune" / "log.jsonl").read_text().splitlines()) == 3
 
 
+def test_the_eval_stage_loads_models_as_the_recipe_says(debug, monkeypatch):
+    from loramigrate import pipeline
+    from loramigrate.config import ModelLoadConfig
+
+    loads, real = [], pipeline.evaluate_pairs
+
+    def evaluate_pairs(base, adapters, task, batch_size, load, *args, **kwargs):
+        loads.append(load)
+        return real(base, adapters, task, batch_size, load, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "evaluate_pairs", evaluate_pairs)
+    result = run(debug / "run", "--set", "search=null", "--set", "finetune=null", "--set", "eval.load.dtype=float32",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert loads == [ModelLoadConfig(dtype="float32", device="cpu")] * 2
+    manifest = json.loads((debug / "run" / "water" / "eval" / "manifest.json").read_text())
+    assert manifest["config"]["load"] == {"dtype": "float32", "device": "cpu"}
+
+
 KILLS = {  # stage → (module attribute to break, which call raises)
     "align": ("loramigrate.align.runner.save_alignment", 1),
     "transfer": ("loramigrate.transfer.runner.verify_with_peft", 1),

@@ -8,8 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loramigrate.cli._options import DeviceOpt, DtypeOpt
+from loramigrate.cli._options import with_config
 from loramigrate.cli._ui import handle_errors, progress_bars
+from loramigrate.config import EvalConfig
 
 EXAMPLES = """
 Examples:
@@ -37,7 +38,9 @@ def _table(rows: list, reference) -> Table:
 
 
 @handle_errors
+@with_config(EvalConfig)
 def evaluate(
+    cfg: EvalConfig,
     base: Annotated[str, typer.Option(help="Base model: HF directory, .gguf file or hub id.")],
     data: Annotated[Path, typer.Option(help="JSONL: prompt/completion (generation) or text/label (classification).")],
     adapter: Annotated[list[Path] | None, typer.Option(help="PEFT adapter directory; repeat for several.")] = None,
@@ -47,25 +50,19 @@ def evaluate(
                                                        "base and --proxy-old-adapter (generation, same vocabulary).")
                               ] = None,
     proxy_old_adapter: Annotated[Path | None, typer.Option(help="Old adapter, with --proxy-old-base.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Use the first N examples.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 16,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")] = None,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
 ) -> None:
     """Evaluate a base alone and with each adapter; prints the comparison table on stdout."""
     from loramigrate.adapters import CONFIG
-    from loramigrate.config import EvalConfig, ModelLoadConfig
     from loramigrate.errors import ArtifactError, ConfigError
     from loramigrate.evaluate import evaluate_pairs, read_task, with_flips, with_gap
     from loramigrate.models import resolve_model
     from loramigrate.proxy import evaluate_proxy
 
-    load = ModelLoadConfig(dtype=dtype, device=device)
-    opts = EvalConfig(limit=limit, batch_size=batch_size)
+    batch_size, load = cfg.batch_size, cfg.load
     if json_out and (json_out.is_dir() or not json_out.parent.is_dir()):
         raise ConfigError(f"--json {json_out}: expected a file path in an existing directory")
-    task = read_task(data, opts.limit)
+    task = read_task(data, cfg.limit)
     resolve_model(base)
     adapters = [str(a) for a in adapter or []]
     for a in adapters + ([str(reference_adapter)] if reference_adapter else []):

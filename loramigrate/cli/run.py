@@ -5,8 +5,9 @@ from typing import Annotated
 
 import typer
 
-from loramigrate.cli._options import ForceOpt
+from loramigrate.cli._options import ForceOpt, with_config
 from loramigrate.cli._ui import handle_errors, progress_bars
+from loramigrate.config import ModelLoadConfig
 
 EXAMPLES = """
 Examples:
@@ -21,22 +22,27 @@ Examples:
 
 
 @handle_errors
+@with_config(ModelLoadConfig, given_only=True, arg="load")
 def run(
+    load: dict[str, str],
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (one folder per stage and adapter).")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: STAGE.KEY=VALUE (YAML).")
-                    ] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a recipe value: STAGE.KEY=VALUE or KEY=VALUE at the top (VALUE as YAML).")] = None,
     adapter: Annotated[list[Path] | None, typer.Option(help="Migrate these adapters instead of the recipe's.")] = None,
     align_dir: Annotated[Path | None, typer.Option(help="Shared alignment directory (default: RUN/align).")] = None,
     from_: Annotated[str | None, typer.Option("--from", help="Redo this stage and every later one.")] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Run align → transfer → search → finetune → eval; stages whose manifests match are skipped."""
+    """Run align → transfer → search → finetune → eval; stages whose manifests match are skipped.
+
+    --dtype and --device apply to every stage, over the recipe's load settings.
+    """
     from loramigrate.cli._summary import print_summary
     from loramigrate.pipeline import timed_run
     from loramigrate.recipes import load_recipe
 
-    cfg = load_recipe(recipe, list(set_ or []), [str(a) for a in adapter] if adapter else None)
+    cfg = load_recipe(recipe, list(set_ or []), [str(a) for a in adapter] if adapter else None, load)
     with progress_bars() as progress:
         runs, report = timed_run(cfg, out, "align" if force else from_, align_dir, progress)
     print_summary(runs, report)
