@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from loramigrate.adapters import CONFIG
+from loramigrate.adapters import check_adapter_dir
 from loramigrate.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,7 @@ def load_pair(base: str, adapter: str, dtype: Dtype = "auto", device: Device = "
     from peft import PeftModel
 
     ref = resolve_model(base)
-    if not (Path(adapter) / CONFIG).is_file():
-        raise ArtifactError(f"{adapter} is not a PEFT adapter directory (no {CONFIG})")
+    check_adapter_dir(adapter)
     model = load_model(ref, dtype, device, num_labels=num_labels)
     try:
         pair = PeftModel.from_pretrained(model, adapter)
