@@ -5,7 +5,12 @@ distillation objective needs no labels, studies resume and are shared by workers
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import optuna
 import pytest
@@ -120,6 +125,52 @@ def test_an_interrupted_study_resumes_to_n_trials(pair, tmp_path, monkeypatch):
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6 and states[3] == optuna.trial.TrialState.FAIL
     assert json.loads((out / "manifest.json").read_text())["search"]["trials"] == 6
+
+
+KILLED_AT_TRIAL = """
+import os, signal, sys
+from loramigrate.config import SearchConfig
+from loramigrate.search import core, run_search
+
+real, calls = core.apply_blend, []
+
+def killed(*args):
+    calls.append(1)
+    if len(calls) == int(sys.argv[3]) + 1:  # kill -9 in the middle of that trial
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+
+core.apply_blend = killed
+run_search(SearchConfig.model_validate_json(sys.argv[1]), sys.argv[2])
+"""
+
+
+def finished_trials(out):
+    study = optuna.load_study(study_name="loramigrate-search", storage=f"sqlite:///{out / 'study.db'}")
+    return [(t.params, t.value) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pair, tmp_path_factory):
+    cfg = config(pair, space="global", n_trials=12, limit=192)  # GP proposes from trial 10 on
+    return cfg, run_search(cfg, tmp_path_factory.mktemp("whole") / "s")
+
+
+@pytest.mark.parametrize("killed_at", [0, 11], ids=["in-the-as-is-trial", "in-the-second-gp-trial"])
+def test_a_search_killed_mid_trial_resumes_to_the_same_trials_and_best(uninterrupted, tmp_path, killed_at):
+    """kill -9 leaves the trial running in the study and the lock file behind; the rerun retries that trial and
+    continues as if never interrupted."""
+    cfg, whole = uninterrupted
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), *sys.path])}
+    proc = subprocess.run([sys.executable, "-c", KILLED_AT_TRIAL, cfg.model_dump_json(), str(tmp_path / "killed"),
+                           str(killed_at)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (tmp_path / "killed.lock").is_file()
+    resumed = run_search(cfg, tmp_path / "killed")
+    assert finished_trials(resumed) == finished_trials(whole)
+    want, got = manifest(whole), manifest(resumed)
+    assert (got["best_params"], got["best_value"], got["trials"]) == (want["best_params"], want["best_value"], 12)
+    assert got["transfer_as_is"] == want["transfer_as_is"]
 
 
 def test_more_trials_continue_the_private_study_and_other_options_restart_it(pair, tmp_path):

@@ -35,10 +35,10 @@ from loramigrate.search.core import SCORES, BlendScorer, adapted_layers, apply_b
 from loramigrate.search.evolution import base_evolution
 from loramigrate.search.space import Space, as_is, resolve_beta_max, search_space
 from loramigrate.search.study import (
-    fail_interrupted,
     open_storage,
     open_study,
     plot_study,
+    resume_interrupted,
     sampler_and_pruner,
     study_signature,
     trial_costs,
@@ -147,7 +147,7 @@ def _study(cfg: SearchConfig, out_dir: Path, storage, space: Space, inputs: dict
                                         "inputs": {k: v["sha256"] for k, v in inputs.items()}})
     study = open_study(cfg.study, storage, sampler, pruner, space, signature, private)
     if private:
-        fail_interrupted(study)
+        resume_interrupted(study, space)
     return study
 
 

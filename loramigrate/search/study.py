@@ -44,11 +44,15 @@ def open_storage(url: str):
 def sampler_and_pruner(name: str, fidelity_steps: int, seed: int):
     """``auto``: GP, which learns from completed trials only, or TPE for the multi-fidelity objective, which
     also learns from where pruned trials stopped. Multi-fidelity trials report after every step; from the
-    second on, the median rule stops laggards."""
+    second on, the median rule stops laggards. The sampler proposes from the study's history alone
+    (``HistorySeeded``), so a resumed study goes on as an uninterrupted one."""
     import optuna
 
+    from loramigrate.search.sampler import HistorySeeded
+
     name = name if name != "auto" else "tpe" if fidelity_steps else "gp"
-    sampler = optuna.samplers.GPSampler(seed=seed) if name == "gp" else optuna.samplers.TPESampler(seed=seed)
+    make = optuna.samplers.GPSampler if name == "gp" else optuna.samplers.TPESampler
+    sampler = HistorySeeded(lambda s: make(seed=s), seed)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if fidelity_steps
               else optuna.pruners.NopPruner())
     return sampler, pruner
@@ -99,12 +103,19 @@ def _wait_until_ready(study, name: str) -> str:
     return found
 
 
-def fail_interrupted(study) -> None:
-    """Mark trials left running by an interrupted run as failed: in a single-process study they never end."""
+def resume_interrupted(study, space: Space) -> None:
+    """Fail the trials a killed run left running (in a single-process study they never end), and queue
+    transfer as is again if an interruption cost it: the search only ever improves on it. Other points
+    need no retry: ``HistorySeeded`` proposes the same ones again."""
     import optuna
 
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    states = optuna.trial.TrialState
+    for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+        study.tell(t.number, state=states.FAIL)
+    kept = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.WAITING))
+    if not any(t.state == states.WAITING or t.params == as_is(space) for t in kept):  # only as-is is ever queued
+        log.info("queueing transfer as is again: an interrupted run did not finish it")
+        study.enqueue_trial(as_is(space))
 
 
 def trial_costs(trials, pass_s: float) -> dict[str, float]:
