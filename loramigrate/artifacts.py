@@ -50,7 +50,8 @@ def hash_input(path: str | Path) -> str:
     """Content hash of a file or a directory (all files, sorted by relative path; the manifest and
     ``cache/``, which later stages may fill, are left out).
 
-    Hub ids that are not local paths hash to ``hub:<id>``: their content is pinned by the hub.
+    A hub model, ``<id>@<commit>`` as ``resolve_model`` pins it, hashes to ``hub:<id>@<commit>``: a commit
+    names its content.
     """
     p = Path(path)
     if p.is_file():

@@ -7,8 +7,6 @@ left by killed processes, adapters that are not finite.
 import json
 import logging
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from loramigrate import artifacts
 from loramigrate.adapters import LoraAdapter, LoraModule, write_adapter
 from loramigrate.artifacts import check_stage, hash_inputs, output_lock, stage_output
 from loramigrate.errors import ArtifactError
+from tests.helpers import lock_holder
 
 LOAD = {"load": {"dtype": "auto", "device": "auto"}}
 
@@ -64,8 +63,7 @@ def test_the_lock_is_reentrant_and_leaves_no_file(tmp_path):
 
 def test_a_lock_left_by_a_killed_process_is_taken_over_with_one_line(tmp_path, caplog):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
+    holder = lock_holder(out)
     with pytest.raises(ArtifactError, match=f"another loramigrate process is writing .* \\(pid {holder.pid}\\)"):
         write_stage(out)
     holder.send_signal(signal.SIGKILL)
@@ -76,16 +74,6 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_with_one_line(tmp_path, c
     assert [r.getMessage() for r in caplog.records] == [
         f"taking over {tmp_path / 'out.lock'}, left by process {holder.pid}, which is gone"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-HOLD_LOCK = """
-import sys, time
-from pathlib import Path
-from loramigrate.artifacts import output_lock
-with output_lock(Path(sys.argv[1])):
-    print("locked", flush=True)
-    time.sleep(600)
-"""
 
 
 def test_no_stage_publishes_an_adapter_holding_nan_or_inf(tmp_path):

@@ -5,12 +5,10 @@ distillation objective needs no labels, studies resume and are shared by workers
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import optuna
 import pytest
@@ -27,7 +25,17 @@ from loramigrate.search import run_search
 from loramigrate.search.space import DRIFT_BETA_MAX, resolve_beta_max, search_space
 from loramigrate.search.study import SPACE_ATTR, open_storage, open_study
 from tests.conftest import shape_pair
-from tests.helpers import WORDS, build, make_lora, make_tokenizer, run_script, save, tiny_config
+from tests.helpers import (
+    WORDS,
+    build,
+    lock_holder,
+    make_lora,
+    make_tokenizer,
+    python_env,
+    run_script,
+    save,
+    tiny_config,
+)
 
 runner = CliRunner()
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -161,9 +169,8 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_trials_and_best(uninterru
     """kill -9 leaves the trial running in the study and the lock file behind; the rerun retries that trial and
     continues as if never interrupted."""
     cfg, whole = uninterrupted
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), *sys.path])}
     proc = subprocess.run([sys.executable, "-c", KILLED_AT_TRIAL, cfg.model_dump_json(), str(tmp_path / "killed"),
-                           str(killed_at)], env=env, capture_output=True, text=True, timeout=600)
+                           str(killed_at)], env=python_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (tmp_path / "killed.lock").is_file()
     resumed = run_search(cfg, tmp_path / "killed")
@@ -171,6 +178,18 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_trials_and_best(uninterru
     want, got = manifest(whole), manifest(resumed)
     assert (got["best_params"], got["best_value"], got["trials"]) == (want["best_params"], want["best_value"], 12)
     assert got["transfer_as_is"] == want["transfer_as_is"]
+
+
+def test_a_second_search_on_the_same_output_stops_at_once(pair, tmp_path):
+    holder = lock_holder(tmp_path / "s")
+    try:
+        result = runner.invoke(app, ["search", "--align", str(pair["align"]), "--transfer", str(pair["transfer"]),
+                                     "--data", str(pair["data"]), "-o", str(tmp_path / "s")])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 1 and f"is writing {tmp_path / 's'} (pid {holder.pid})" in result.stderr, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.lock"]  # no study.db: the other process owns it
 
 
 def test_more_trials_continue_the_private_study_and_other_options_restart_it(pair, tmp_path):
