@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from loramigrate.cli.main import app
 from loramigrate.config import SearchConfig
-from loramigrate.errors import ConfigError
+from loramigrate.errors import ArtifactError, ConfigError
 from loramigrate.search import core as search_core
 from loramigrate.search import run_search
 from loramigrate.search.space import DRIFT_BETA_MAX, resolve_beta_max, search_space
@@ -190,6 +190,15 @@ def test_a_second_search_on_the_same_output_stops_at_once(pair, tmp_path):
         holder.wait()
     assert result.exit_code == 1 and f"is writing {tmp_path / 's'} (pid {holder.pid})" in result.stderr, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.lock"]  # no study.db: the other process owns it
+
+
+def test_a_failed_search_leaves_nothing(pair, tmp_path, monkeypatch):
+    def diverges(*args):
+        raise FloatingPointError("non-finite loss")  # every trial is pruned
+    monkeypatch.setattr(search_core, "apply_blend", diverges)
+    with pytest.raises(ArtifactError, match="no trial of study 'loramigrate-search' completed"):
+        run_search(config(pair, n_trials=2), tmp_path / "s")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_more_trials_continue_the_private_study_and_other_options_restart_it(pair, tmp_path):

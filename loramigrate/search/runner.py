@@ -25,7 +25,7 @@ from loramigrate.artifacts import (
     stage_output,
 )
 from loramigrate.config import FinetuneConfig, SearchConfig
-from loramigrate.errors import ArtifactError, ConfigError
+from loramigrate.errors import ArtifactError, ConfigError, LoramigrateError
 from loramigrate.evaluate import Task, read_task
 from loramigrate.finetune.objective import OBJECTIVES, BatchLoss, Distill
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
@@ -252,7 +252,13 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
         return out_dir
     with output_lock(out_dir):  # held from the study's first trial: a second process would share the private study
         log.info("search config:\n%s", yaml.safe_dump(config, sort_keys=False))
-        _search(cfg, alignment, new, task, train_rows, storage, out_dir, inputs, progress)
+        fresh = not out_dir.exists()
+        try:
+            _search(cfg, alignment, new, task, train_rows, storage, out_dir, inputs, progress)
+        except LoramigrateError:  # e.g. no trial completed: a failed stage leaves nothing (an interrupted one, its study)
+            if fresh:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
     return out_dir
 
 
