@@ -7,6 +7,8 @@ left by killed processes, adapters that are not finite.
 import json
 import logging
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,6 +76,31 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_with_one_line(tmp_path, c
     assert [r.getMessage() for r in caplog.records] == [
         f"taking over {tmp_path / 'out.lock'}, left by process {holder.pid}, which is gone"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_lock_still_held_by_a_child_of_a_dead_writer_is_named_as_such(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    # what a child inheriting the descriptor (a forked worker) holds after its parent was killed
+    child = subprocess.Popen([sys.executable, "-c", INHERITED_LOCK, str(tmp_path / "out.lock"), str(dead.pid)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(ArtifactError, match=f"still held by a child of process {dead.pid}, which died"):
+            write_stage(tmp_path / "out")
+    finally:
+        child.kill()
+        child.wait()
+
+
+INHERITED_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, sys.argv[2].encode())
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 def test_no_stage_publishes_an_adapter_holding_nan_or_inf(tmp_path):
