@@ -236,7 +236,7 @@ def _lock(path: Path, out_dir: Path) -> int:
 
 def _held_by(holder: str, path: Path, out_dir: Path) -> str:
     """Why the lock is taken: its writer runs, or it died and a process it started holds the lock still."""
-    if holder.isdigit() and not _alive(int(holder)):
+    if holder.isdigit() and not pid_alive(int(holder)):
         return (f"{path} is still held by a child of process {holder}, which died writing {out_dir}; "
                 f"stop that child process, or delete {path}")
     return f"another loramigrate process is writing {out_dir} (pid {holder or 'unknown'})"
@@ -247,12 +247,13 @@ def remove_leftovers(out_dir: Path) -> None:
     ``out_dir`` (a kill between creating and publishing them)."""
     for p in out_dir.parent.glob(f"{glob.escape(out_dir.name)}.*-*"):
         kind, _, pid = p.name[len(out_dir.name) + 1:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
             log.info("removing %s, left by process %s, which is gone", p, pid)
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host runs with that pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

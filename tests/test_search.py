@@ -180,6 +180,16 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_trials_and_best(uninterru
     assert got["transfer_as_is"] == want["transfer_as_is"]
 
 
+def test_a_killed_worker_of_a_shared_study_leaves_no_trial_running_forever(pair, tmp_path):
+    cfg = config(pair, space="global", n_trials=4, limit=192, storage=str(tmp_path / "study.log"), study="shared")
+    proc = subprocess.run([sys.executable, "-c", KILLED_AT_TRIAL, cfg.model_dump_json(), str(tmp_path / "w1"), "2"],
+                          env=python_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_search(cfg, tmp_path / "w1")  # the worker started again fails its dead predecessor's trial
+    trials = optuna.load_study(study_name="shared", storage=open_storage(cfg.storage)).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+
+
 def test_a_second_search_on_the_same_output_stops_at_once(pair, tmp_path):
     holder = lock_holder(tmp_path / "s")
     try:

@@ -35,6 +35,8 @@ from loramigrate.search.core import SCORES, BlendScorer, adapted_layers, apply_b
 from loramigrate.search.evolution import base_evolution
 from loramigrate.search.space import Space, as_is, resolve_beta_max, search_space
 from loramigrate.search.study import (
+    WORKER_ATTR,
+    fail_orphans,
     open_storage,
     open_study,
     plot_study,
@@ -42,6 +44,7 @@ from loramigrate.search.study import (
     sampler_and_pruner,
     study_signature,
     trial_costs,
+    worker,
     write_trials,
 )
 
@@ -148,6 +151,8 @@ def _study(cfg: SearchConfig, out_dir: Path, storage, space: Space, inputs: dict
     study = open_study(cfg.study, storage, sampler, pruner, space, signature, private)
     if private:
         resume_interrupted(study, space)
+    else:
+        fail_orphans(study)
     return study
 
 
@@ -156,8 +161,10 @@ def _optimize(study, scorer: BlendScorer, space: Space, cfg: SearchConfig, progr
     import optuna
 
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    me = worker()
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, me)
         done = study.get_trials(deepcopy=False, states=(*counted, optuna.trial.TrialState.RUNNING))
         if len(done) - 1 >= cfg.n_trials:  # other workers already run or ran the last ones
             study.stop()

@@ -5,18 +5,23 @@ Only Optuna's public API is used, so storages and versions behave as documented.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import os
+import socket
 import statistics
 import time
 from pathlib import Path
 
+from loramigrate.artifacts import pid_alive
 from loramigrate.errors import ConfigError
 from loramigrate.search.space import Space, as_is
 
 log = logging.getLogger(__name__)
 SPACE_ATTR = "loramigrate_space"
+WORKER_ATTR = "loramigrate_worker"  # host:pid of the process running a trial
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 READY_WAIT_S = 60.0  # how long a worker waits for another to finish creating a shared study
 
@@ -101,6 +106,25 @@ def _wait_until_ready(study, name: str) -> str:
                               f"{READY_WAIT_S:.0f} s?); delete it or choose another --study")
         time.sleep(0.2)
     return found
+
+
+def worker() -> str:
+    """This process, as the trials it runs record it (``WORKER_ATTR``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_orphans(study) -> None:
+    """Fail the running trials of workers of this host that are gone (killed): in a shared study they would
+    count as running forever. Workers of other hosts fail those of their own when they start again."""
+    import optuna
+
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner, _, pid = str(t.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
+        if owner == host and pid.isdigit() and not pid_alive(int(pid)):
+            log.info("failing trial %d: its worker, process %s, is gone", t.number, pid)
+            with contextlib.suppress(ValueError, optuna.exceptions.UpdateFinishedTrialError):  # another worker did
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
 
 def resume_interrupted(study, space: Space) -> None:
