@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loramigrate.adapters import check_adapter_dir
 from loramigrate.errors import ArtifactError, ConfigError
 from loramigrate.progress import ProgressFn, no_progress
 
@@ -244,6 +245,8 @@ def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: i
 
     from loramigrate.models import load_model, load_tokenizer, resolve_model
 
+    for adapter in adapters:
+        check_adapter_dir(adapter)
     ref = resolve_model(base_ref)
     tok = load_tokenizer(ref)
     num_labels = len(task.labels) if task.kind == "classification" else None

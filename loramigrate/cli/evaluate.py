@@ -53,7 +53,7 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")] = None,
 ) -> None:
     """Evaluate a base alone and with each adapter; prints the comparison table on stdout."""
-    from loramigrate.adapters import CONFIG
+    from loramigrate.adapters import check_adapter_dir
     from loramigrate.errors import ArtifactError, ConfigError
     from loramigrate.evaluate import evaluate_pairs, read_task, with_flips, with_gap
     from loramigrate.models import resolve_model
@@ -66,8 +66,7 @@ def evaluate(
     resolve_model(base)
     adapters = [str(a) for a in adapter or []]
     for a in adapters + ([str(reference_adapter)] if reference_adapter else []):
-        if not (Path(a) / CONFIG).is_file():
-            raise ArtifactError(f"{a} is not a PEFT adapter directory (no {CONFIG})")
+        check_adapter_dir(a)
     if (reference_base is None) != (reference_adapter is None):
         raise ConfigError("--reference-base and --reference-adapter go together")
     if (proxy_old_base is None) != (proxy_old_adapter is None):

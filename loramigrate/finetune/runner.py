@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from loramigrate.adapters import check_adapter_dir
 from loramigrate.arch import model_spec
 from loramigrate.artifacts import (
     config_hash,
@@ -90,15 +91,7 @@ def _peft_model(cfg: FinetuneConfig, base, classification: bool):
         model = PeftModel.from_pretrained(base, cfg.init, is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ArtifactError(f"--init {cfg.init} does not fit the base {cfg.base}: {str(e).splitlines()[0][:200]}") from None
-    _check_finite(model, cfg.init)
     return model
-
-
-def _check_finite(model, init: str) -> None:
-    """A NaN or inf in the init would only show as a loss diverging at the first step, blaming the training."""
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
-    if bad:
-        raise ArtifactError(f"--init {init} holds NaN or inf values ({bad[0]} and {len(bad) - 1} more tensors)")
 
 
 def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> Path:
@@ -110,8 +103,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     if cfg.epochs:
         per_step = cfg.batch_size * cfg.grad_accum
         cfg = cfg.model_copy(update={"steps": max(1, math.ceil(cfg.epochs * len(task.rows) / per_step))})
-    if cfg.init != "fresh" and not (Path(cfg.init) / "adapter_config.json").is_file():
-        raise ArtifactError(f"--init {cfg.init} is not a PEFT adapter directory (or 'fresh')")
+    for adapter in ([cfg.init] if cfg.init != "fresh" else []) + ([cfg.teacher_adapter] if cfg.teacher_adapter else []):
+        check_adapter_dir(adapter)
     ref = resolve_model(cfg.base)
     names = {"base": ref.path, "data": cfg.data, **({"val": cfg.val} if cfg.val else {}),
              **({"init": cfg.init} if cfg.init != "fresh" else {})}
