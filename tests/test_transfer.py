@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from loramigrate.adapters import read_adapter
 from loramigrate.cli.main import app
-from loramigrate.transfer import refactor
+from loramigrate.lora import refactor
 from tests.conftest import shape_pair
 from tests.helpers import make_lora
 
@@ -153,7 +153,7 @@ def test_vocabulary_change_with_a_shared_subset(tmp_path):
 
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48), (32, 32)])
 def test_pseudo_inverse_matches_the_svd_pinv(shape):
-    from loramigrate.transfer.core import pseudo_inverse
+    from loramigrate.lora import pseudo_inverse
 
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(pseudo_inverse(t), torch.linalg.pinv(t), atol=1e-4)
@@ -210,7 +210,7 @@ def test_a_head_chain_maps_only_the_module_that_reads_the_hidden_state(aligned_u
     """pooler → classifier: the pooler reads the final-normed residual; the classifier reads the pooler's output."""
     from loramigrate.adapters import LoraAdapter
     from loramigrate.alignment import load_alignment
-    from loramigrate.transfer.core import pseudo_inverse
+    from loramigrate.lora import pseudo_inverse
     from loramigrate.transfer.runner import _map_extra
 
     *_, align_dir = aligned_upgrade

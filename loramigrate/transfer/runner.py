@@ -16,9 +16,10 @@ from loramigrate.artifacts import check_stage, hash_inputs, is_up_to_date, prepa
 from loramigrate.config import TransferConfig
 from loramigrate.errors import ArtifactError, ConfigError, IncompatibleModelsError
 from loramigrate.evaluate import read_task
+from loramigrate.lora import locate, normed_input_map, pseudo_inverse
 from loramigrate.models import load_model, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
-from loramigrate.transfer.core import TransferOptions, locate, normed_input_map, pseudo_inverse, transfer_adapter
+from loramigrate.transfer.core import TransferOptions, transfer_adapter
 from loramigrate.transfer.data_aware import FitOptions, active_copy, data_aware_transfer
 
 log = logging.getLogger(__name__)
