@@ -18,7 +18,6 @@ from loramigrate.errors import IncompatibleModelsError
 from loramigrate.lora import NORM_SLOT, Delta, locate, map_factors, pseudo_inverse, refactor, wrapper_prefix
 
 ADAPTED_ROLES = (*ROLES, "qkv")
-FILL_POLICIES = ("none", "nearest", "interpolate")
 
 
 @dataclass(frozen=True)
