@@ -114,3 +114,13 @@ def test_validation_labels_unseen_in_training_are_refused(tiny_models, sentiment
                                  "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "never seen in training: rain" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_loading_names_the_modules_the_checkpoint_lacks_and_leaves_the_model_as_transformers_made_it(tiny_models):
+    """A fresh adapter saves them (modules_to_save); the list is returned, not hung on the model."""
+    from loramigrate.models import load_with_new_modules, resolve_model
+
+    model, new = load_with_new_modules(resolve_model(tiny_models["bert"]), num_labels=3)
+    assert "classifier" in new
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3)
+    assert set(vars(model)) == set(vars(plain))
