@@ -102,8 +102,12 @@ def _check_finite(model, init: str) -> None:
         raise ArtifactError(f"--init {init} holds NaN or inf values ({bad[0]} and {len(bad) - 1} more tensors)")
 
 
-def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> Path:
-    """Fine-tune ``cfg.init`` (or a fresh LoRA) on ``cfg.data`` into ``out_dir``; resumable."""
+def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> bool:
+    """Fine-tune ``cfg.init`` (or a fresh LoRA) on ``cfg.data`` into ``out_dir``; resumable.
+
+    Returns:
+        True when it trained, False when ``out_dir`` already held this finetune of the same inputs.
+    """
     out_dir = Path(out_dir)
     if cfg.restart_every and cfg.reg_lambda > 0:
         raise ConfigError("ReLoRA restarts and regularisation toward the init cannot be combined yet")
@@ -124,13 +128,13 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping finetune (use --force to redo)", out_dir)
-        return out_dir
+        return False
     with output_lock(out_dir):
         log.info("finetune config:\n%s", yaml.safe_dump(config, sort_keys=False))
         ckpt_dir = checkpoint_dir(out_dir, config, inputs, fresh=force)
         _finetune(cfg, ref, task, val_rows, out_dir, ckpt_dir, inputs, progress)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return out_dir
+    return True
 
 
 def checkpoint_dir(out_dir: Path, config: dict, inputs: dict[str, dict[str, str]], fresh: bool) -> Path:

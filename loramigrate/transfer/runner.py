@@ -206,9 +206,13 @@ def _fit_with_data(cfg: TransferConfig, alignment: Alignment, adapter: LoraAdapt
     return LoraAdapter(config=result.config, modules=modules, extra=extra), report
 
 
-def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progress: ProgressFn = no_progress) -> Path:
+def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progress: ProgressFn = no_progress) -> bool:
     """Transfer ``cfg.adapter`` through the alignment in ``cfg.align`` into ``out_dir``; with
-    ``cfg.prompts``, then refit it on them (data-aware transfer)."""
+    ``cfg.prompts``, then refit it on them (data-aware transfer).
+
+    Returns:
+        True when it transferred, False when ``out_dir`` already held this transfer of the same inputs.
+    """
     out_dir = Path(out_dir)
     align_dir, adapter_dir = Path(cfg.align), Path(cfg.adapter)
     check_stage(align_dir, "align")
@@ -224,7 +228,7 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progre
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping transfer (use --force to redo)", out_dir)
-        return out_dir
+        return False
     log.info("transfer config:\n%s", yaml.safe_dump(config, sort_keys=False))
     options = TransferOptions(rank=cfg.rank if isinstance(cfg.rank, int) else None,
                               energy=cfg.energy if cfg.rank == "auto" else None,
@@ -250,4 +254,4 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progre
             verify_with_peft(run.tmp_dir, result.config["base_model_name_or_path"], cfg.load, result)
         run.extra["summary"] = {"modules": len(modules), "filled": sum(r["fill"] != "mapped" for r in report),
                                 "dropped": len(dropped)}
-    return out_dir
+    return True
