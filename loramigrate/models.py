@@ -123,7 +123,18 @@ def _is_causal_lm(ref: ModelRef) -> bool:
 def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num_labels: int | None = None
                ) -> nn.Module:
     """Load a model in eval mode: causal LMs with their LM head, encoders as the bare model, or with
-    a sequence-classification head of ``num_labels`` classes when given (see ``new_modules``).
+    a sequence-classification head of ``num_labels`` classes when given.
+
+    Raises:
+        ArtifactError: the files cannot be read (corrupt weights, missing shards, offline hub id).
+    """
+    return load_with_new_modules(ref, dtype, device, num_labels)[0]
+
+
+def load_with_new_modules(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num_labels: int | None = None
+                          ) -> tuple[nn.Module, list[str]]:
+    """``load_model``, and the modules it initialised at random (no weights in the checkpoint: a new
+    classification head, a pooler a distilled checkpoint dropped), which an adapter must save to be reproducible.
 
     Raises:
         ArtifactError: the files cannot be read (corrupt weights, missing shards, offline hub id).
@@ -148,17 +159,10 @@ def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num
         raise ArtifactError(f"cannot load model {ref.path}: {first}") from e
     log.info("loaded %s (%s, %.1fM params)", ref.path, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6)
-    model.loramigrate_new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})
     if num_labels is not None and model.config.pad_token_id is None:
         # causal-LM classifiers pool the last non-pad token, so they need the pad id the tokenizer pads with
         model.config.pad_token_id = load_tokenizer(ref).pad_token_id
-    return model.to(dev).eval()
-
-
-def new_modules(model: nn.Module) -> list[str]:
-    """Modules ``load_model`` initialised at random (no weights in the checkpoint: a new classification
-    head, a pooler a distilled checkpoint dropped). An adapter must save them to be reproducible."""
-    return list(getattr(model, "loramigrate_new_modules", []))
+    return model.to(dev).eval(), sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})
 
 
 def load_tokenizer(ref: ModelRef):  # -> transformers.PreTrainedTokenizerBase

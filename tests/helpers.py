@@ -209,6 +209,14 @@ def make_lora(model_dir: Path, out: Path, targets: list[str], r: int = 4, alpha:
     return out
 
 
+def finetuned(cfg, out: Path, **kwargs) -> Path:
+    """``run_finetune`` into ``out``, returned (the runner itself returns whether it ran)."""
+    from loramigrate.finetune.runner import run_finetune
+
+    run_finetune(cfg, out, **kwargs)
+    return Path(out)
+
+
 def run_script(script: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``scripts/<script>`` with bash, with this interpreter's ``loramigrate`` first on PATH (pytest may
     run from a venv that is not activated)."""

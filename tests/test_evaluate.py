@@ -27,13 +27,17 @@ def gen_data(tmp_path_factory):
     return path
 
 
+def eval_against_itself(model, adapter, data, *options: str):
+    """`loramigrate eval` of ``adapter`` on ``model`` with that same pair as the reference."""
+    return runner.invoke(app, ["-q", "eval", "--base", str(model), "--adapter", str(adapter), "--data", str(data),
+                               "--reference-base", str(model), "--reference-adapter", str(adapter), *options])
+
+
 def test_generation_table_json_and_flips(tiny_models, tmp_path, gen_data):
     model = tiny_models["llama"]
     adapter = make_lora(model, tmp_path / "lora", targets=["q_proj", "v_proj"])
     out = tmp_path / "eval.json"
-    result = runner.invoke(app, ["-q", "eval", "--base", str(model), "--adapter", str(adapter), "--data", str(gen_data),
-                                 "--reference-base", str(model), "--reference-adapter", str(adapter),
-                                 "--json", str(out), "--batch-size", "5"])
+    result = eval_against_itself(model, adapter, gen_data, "--json", str(out), "--batch-size", "5")
     assert result.exit_code == 0, result.output
     assert "exact_match" in result.stdout and "negative flips" in result.stdout
     payload = json.loads(out.read_text())
@@ -116,3 +120,31 @@ def test_adapters_evaluated_together_do_not_inherit_each_others_heads(tiny_model
     assert together[0].loss == pytest.approx(alone[0].loss, rel=1e-6)  # the base alone, random head and all
     assert together[2].loss == pytest.approx(alone[1].loss, rel=1e-6)
     assert together[1].loss != pytest.approx(together[2].loss, rel=1e-4)
+
+
+def test_eval_writes_a_stage_directory_kept_while_up_to_date(tiny_models, tmp_path, gen_data):
+    from loramigrate.artifacts import SCHEMAS
+    from loramigrate.config import EvalConfig
+    from loramigrate.eval import Comparison, Pair, run_eval
+
+    model = tiny_models["llama"]
+    adapter = make_lora(model, tmp_path / "lora", targets=["q_proj", "v_proj"])
+    out = tmp_path / "eval"
+    result = eval_against_itself(model, adapter, gen_data, "--batch-size", "6", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{out}\n"  # the table goes to stderr, as a stage command prints only its directory
+    manifest = json.loads((out / "manifest.json").read_text())
+    pair = f"{model.name} + lora"
+    assert manifest["stage"] == "eval" and manifest["schema"] == SCHEMAS["eval"] and manifest["config"]["batch_size"] == 6
+    assert manifest["config"]["arms"] == {"base": f"{model.name} (no adapter)", "adapters": [pair], "reference": pair,
+                                          "proxy": None}
+    assert set(manifest["inputs"]) == {"data", "base", "adapters.0", "reference_base", "reference_adapter"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["reference"]["arm"] == pair and "gap_recovered" not in results["reference"]  # no gain to recover
+    assert [r["arm"] for r in results["results"]] == [f"{model.name} (no adapter)", pair]
+    assert results["results"][1]["negative_flips"] == 0 and results["results"][1]["n"] == 12
+    same = Comparison(str(gen_data), Pair(f"{model.name} (no adapter)", str(model)), (Pair(pair, str(model), str(adapter)),),
+                      reference=Pair(pair, str(model), str(adapter)))
+    assert run_eval(EvalConfig(batch_size=6), same, out) is False  # the same comparison of the same files: kept
+    assert run_eval(EvalConfig(batch_size=6, limit=5), same, out) is True
+    assert json.loads((out / "results.json").read_text())["results"][0]["n"] == 5

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from loramigrate.adapters import read_adapter
 from loramigrate.cli.main import app
-from loramigrate.transfer import refactor
+from loramigrate.lora import refactor
 from tests.conftest import shape_pair
 from tests.helpers import make_lora
 
@@ -153,7 +153,7 @@ def test_vocabulary_change_with_a_shared_subset(tmp_path):
 
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48), (32, 32)])
 def test_pseudo_inverse_matches_the_svd_pinv(shape):
-    from loramigrate.transfer.core import pseudo_inverse
+    from loramigrate.lora import pseudo_inverse
 
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(pseudo_inverse(t), torch.linalg.pinv(t), atol=1e-4)
@@ -210,7 +210,7 @@ def test_a_head_chain_maps_only_the_module_that_reads_the_hidden_state(aligned_u
     """pooler → classifier: the pooler reads the final-normed residual; the classifier reads the pooler's output."""
     from loramigrate.adapters import LoraAdapter
     from loramigrate.alignment import load_alignment
-    from loramigrate.transfer.core import pseudo_inverse
+    from loramigrate.lora import pseudo_inverse
     from loramigrate.transfer.runner import _map_extra
 
     *_, align_dir = aligned_upgrade
@@ -225,3 +225,33 @@ def test_a_head_chain_maps_only_the_module_that_reads_the_hidden_state(aligned_u
     assert torch.allclose(mapped["pooler.dense.weight"], reads, atol=1e-5)
     for key in ("pooler.dense.bias", "classifier.weight", "classifier.bias"):
         assert torch.equal(mapped[key], extra[key]), key
+
+
+def test_a_pooler_and_classifier_compute_the_same_function_on_a_wider_base(tmp_path):
+    """BERT's classifier reads the pooler's own units (arch.HEAD_INPUTS), so on a 32 → 48 wide upgrade they are
+    widened with zeros, not mapped through T; the transferred adapter loads with stock PEFT (transfer verifies)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from loramigrate.alignment import load_alignment
+    from loramigrate.lora import normed_input_map, pseudo_inverse
+
+    old, new = shape_pair(tmp_path, {"hidden": 32}, {"hidden": 48}, family="bert")
+    cli("align", "--old", old, "--new", new, "-o", tmp_path / "align")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(old, num_labels=3)
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"], init_lora_weights=False,
+                      modules_to_save=["bert.pooler.dense"])
+    get_peft_model(base, lora).save_pretrained(tmp_path / "cls")
+    cli("transfer", "--align", tmp_path / "align", "--adapter", tmp_path / "cls", "-o", tmp_path / "t")
+    before, after = read_adapter(tmp_path / "cls").extra, read_adapter(tmp_path / "t").extra
+    assert {k: tuple(v.shape) for k, v in after.items()} == {
+        "bert.pooler.dense.weight": (48, 48), "bert.pooler.dense.bias": (48,), "classifier.weight": (3, 48),
+        "classifier.bias": (3,)}
+    alignment = load_alignment(tmp_path / "align")
+    head_in = normed_input_map(alignment.old_profile.final_scale(), alignment.new_profile.final_scale(),
+                               pseudo_inverse(alignment.transfer))
+
+    def head(p, x):
+        pooled = torch.tanh(x @ p["bert.pooler.dense.weight"].T + p["bert.pooler.dense.bias"])
+        return pooled @ p["classifier.weight"].T + p["classifier.bias"]
+    x_new = torch.randn(5, 48, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(head(after, x_new), head(before, x_new @ head_in.T), atol=1e-5)

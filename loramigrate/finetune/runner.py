@@ -29,7 +29,7 @@ from loramigrate.evaluate import METRIC, Task, read_task, task_metrics
 from loramigrate.finetune.loop import train
 from loramigrate.finetune.objective import OBJECTIVES, Distill, mean_loss
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
-from loramigrate.models import ModelRef, load_model, load_tokenizer, new_modules, resolve_model
+from loramigrate.models import ModelRef, load_tokenizer, load_with_new_modules, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,8 @@ def _split(cfg: FinetuneConfig) -> tuple[Task, list[dict]]:
     return train_task, val.rows
 
 
-def _peft_model(cfg: FinetuneConfig, base, classification: bool):
+def _peft_model(cfg: FinetuneConfig, base, new_modules: list[str], classification: bool):
+    """A fresh LoRA (saving ``new_modules``, those the base's checkpoint lacked) or ``cfg.init``, trainable."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if cfg.init == "fresh":
@@ -82,7 +83,7 @@ def _peft_model(cfg: FinetuneConfig, base, classification: bool):
         # trained and saved with the adapter, so that the adapter alone reproduces the model
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets,
                           task_type="SEQ_CLS" if classification else "CAUSAL_LM",
-                          modules_to_save=new_modules(base) or None)
+                          modules_to_save=new_modules or None)
         try:
             return get_peft_model(base, lora)
         except ValueError as e:  # e.g. target modules the base does not have
@@ -94,8 +95,12 @@ def _peft_model(cfg: FinetuneConfig, base, classification: bool):
     return model
 
 
-def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> Path:
-    """Fine-tune ``cfg.init`` (or a fresh LoRA) on ``cfg.data`` into ``out_dir``; resumable."""
+def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> bool:
+    """Fine-tune ``cfg.init`` (or a fresh LoRA) on ``cfg.data`` into ``out_dir``; resumable.
+
+    Returns:
+        True when it trained, False when ``out_dir`` already held this finetune of the same inputs.
+    """
     out_dir = Path(out_dir)
     if cfg.restart_every and cfg.reg_lambda > 0:
         raise ConfigError("ReLoRA restarts and regularisation toward the init cannot be combined yet")
@@ -116,13 +121,13 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping finetune (use --force to redo)", out_dir)
-        return out_dir
+        return False
     with output_lock(out_dir):
         log.info("finetune config:\n%s", yaml.safe_dump(config, sort_keys=False))
         ckpt_dir = checkpoint_dir(out_dir, config, inputs, fresh=force)
         _finetune(cfg, ref, task, val_rows, out_dir, ckpt_dir, inputs, progress)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return out_dir
+    return True
 
 
 def checkpoint_dir(out_dir: Path, config: dict, inputs: dict[str, dict[str, str]], fresh: bool) -> Path:
@@ -146,8 +151,9 @@ def _finetune(cfg: FinetuneConfig, ref: ModelRef, task: Task, val_rows: list[dic
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(ref)
     _check_lengths(tok, task, cfg.max_len, cfg.data)
-    base = load_model(ref, cfg.load.dtype, cfg.load.device, num_labels=len(task.labels) if classification else None)
-    model = _peft_model(cfg, base, classification)
+    base, new_modules = load_with_new_modules(ref, cfg.load.dtype, cfg.load.device,
+                                              num_labels=len(task.labels) if classification else None)
+    model = _peft_model(cfg, base, new_modules, classification)
     task, val_rows, distill = _distillation(cfg, model, tok, task, val_rows, progress)
     val_task = Task(task.kind, val_rows, task.labels)
     kl = OBJECTIVES[task.kind](tok, task, cfg.max_len, replace(distill, weight=1.0)) if distill else None
