@@ -39,21 +39,38 @@ def replicate_kv_heads(model, n_kv: int):
     return reshaped(model, state, num_key_value_heads=n_kv)
 
 
-def prepend_zero_heads(model, n_kv_groups: int):
-    """``n_kv_groups`` new kv groups of all-zero heads in front of the old ones: they attend uniformly
-    to zero values and write nothing, so the old heads (now shifted) carry the whole function."""
+def prepend_zero_heads(model, n_kv_groups: int, live: float = 0.0, seed: int = 0):
+    """``n_kv_groups`` new kv groups of heads in front of the old ones, with zero output columns: they
+    write nothing, so the old heads (now shifted) carry the whole function. Their q/k/v rows are zero,
+    or random of scale ``live`` (heads that compute but are silenced)."""
     cfg = model.config
     hd, d = cfg.head_dim, cfg.hidden_size
     gs = cfg.num_attention_heads // cfg.num_key_value_heads
+    g = torch.Generator().manual_seed(seed)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for i in range(cfg.num_hidden_layers):
         for role, n in (("q", n_kv_groups * gs), ("k", n_kv_groups), ("v", n_kv_groups)):
             key = _ATTN.format(i, role)
-            state[key] = torch.cat([torch.zeros(n * hd, d), state[key]])
+            state[key] = torch.cat([live * torch.randn(n * hd, d, generator=g), state[key]])
         key = _ATTN.format(i, "o")
         state[key] = torch.cat([torch.zeros(d, n_kv_groups * gs * hd), state[key]], 1)
     return reshaped(model, state, num_attention_heads=cfg.num_attention_heads + n_kv_groups * gs,
                     num_key_value_heads=cfg.num_key_value_heads + n_kv_groups)
+
+
+def append_silent_neurons(model, n: int, scale: float = 0.2, seed: int = 0):
+    """``n`` new MLP neurons with random gate/up rows and zero down columns: they compute but write nothing."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(cfg.num_hidden_layers):
+        mlp = f"model.layers.{i}.mlp.{{}}_proj.weight"
+        for role in ("gate", "up"):
+            w = state[mlp.format(role)]
+            state[mlp.format(role)] = torch.cat([w, scale * torch.randn(n, w.shape[1], generator=g)])
+        down = state[mlp.format("down")]
+        state[mlp.format("down")] = torch.cat([down, torch.zeros(down.shape[0], n)], 1)
+    return reshaped(model, state, intermediate_size=cfg.intermediate_size + n)
 
 
 def rope_embedding(hd_old: int, factor: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import WORDS, build, make_lora, make_tokenizer, randomize_norms, save, tiny_config
-from tests.reshapes import grow_head_dim, prepend_zero_heads, replicate_kv_heads, widen_hidden
+from tests.reshapes import append_silent_neurons, grow_head_dim, prepend_zero_heads, replicate_kv_heads, widen_hidden
 from tests.test_transfer import ALL, cli, logits
 
 HEAD_DIM, KV_HEADS, HEADS = 8, 4, 8
@@ -20,6 +20,15 @@ CASES = {
     "more-heads": lambda m: (m, prepend_zero_heads(m, KV_HEADS)),
     "head-dim-8-to-16": lambda m: (m, grow_head_dim(m, 2)),
     "hidden-64-to-96": lambda m: (m, widen_hidden(m, 96)),
+}
+# Known bug: keep_norm_ratio measures ‖W_new‖ over every head / neuron, silenced new ones included, and so
+# scales the mapped update up (--no-keep-norm-ratio passes these but fails hidden-64-to-96, where only the
+# ratio restores the stream scale that Procrustes leaves out of o/down). The fix needs per-head and
+# per-neuron weight norms in the alignment's profile, to measure ‖W_new‖ over mapped units only.
+NORM_RATIO_BUG = pytest.mark.xfail(strict=True, reason="keep_norm_ratio counts silenced new heads/neurons")
+LIVE = {
+    "more-heads-computing": lambda m: (m, prepend_zero_heads(m, KV_HEADS, live=0.2)),
+    "more-neurons-computing": lambda m: (m, append_silent_neurons(m, 32)),
 }
 
 
@@ -34,11 +43,11 @@ def tie_duplicated_kv(adapter_dir, rep: int) -> None:
     save_file(tensors, str(path))
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, *(pytest.param(c, marks=NORM_RATIO_BUG) for c in LIVE)])
 def test_function_preserving_reshape_gives_the_old_pairs_logits(tmp_path, case):
     base = build(tiny_config("llama", hidden=64, layers=2, heads=HEADS, kv_heads=KV_HEADS, intermediate=96, init=0.2))
     randomize_norms(base)
-    old_model, new_model = CASES[case](base)
+    old_model, new_model = {**CASES, **LIVE}[case](base)
     tok = make_tokenizer(WORDS)
     old, new = save(old_model, tok, tmp_path / "old"), save(new_model, tok, tmp_path / "new")
     adapter = make_lora(old, tmp_path / "lora", targets=ALL)
