@@ -152,9 +152,14 @@ def normed_input_map(g_old: torch.Tensor, g_new: torch.Tensor, t_pinv: torch.Ten
     """(d_old, d_new) map with x_old ≈ map @ x_new for an input read behind norms with scales g_old / g_new.
 
     x_old = g_old ⊙ n_old, n_old ≈ T⁺ n_new, n_new = x_new / g_new, so map = diag(g_old) T⁺ diag(1/g_new).
+    Normalised vectors have unit RMS in both models, so their norms are √d_old and √d_new whatever scale
+    T carries (none for Procrustes, the embeddings' for lstsq): T⁺ is rescaled to RMS singular value
+    √(d_old/d_new).
     """
+    d_old, d_new = t_pinv.shape
+    rms_sv = t_pinv.norm() / min(d_old, d_new) ** 0.5
     safe = torch.where(g_new.abs() < 1e-6, torch.full_like(g_new, 1e-6), g_new)
-    return g_old[:, None] * t_pinv / safe[None, :]
+    return g_old[:, None] * t_pinv * ((d_old / d_new) ** 0.5 / rms_sv) / safe[None, :]
 
 
 def hidden_input_map(alignment: Alignment, t_pinv: torch.Tensor, old_layer: int, new_layer: int, slot: int

@@ -1,6 +1,7 @@
 """`loramigrate eval`: metrics, the comparison table, negative flips and bad data."""
 
 import json
+import math
 import random
 
 import pytest
@@ -48,20 +49,37 @@ def test_generation_table_json_and_flips(tiny_models, tmp_path, gen_data):
     assert base_row["loss"] != pytest.approx(adapted["loss"], rel=1e-3)
 
 
-def test_classification_accuracy_with_a_head_in_modules_to_save(tiny_models, tmp_path):
-    model_dir = tiny_models["bert"]
+def constant_classifier(model_dir, out, label: int, margin: float = 5.0):
+    """A SEQ_CLS adapter whose head ignores its input: zero weight, bias ``margin`` on ``label``."""
     base = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     peft_model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"]))
-    peft_model.save_pretrained(tmp_path / "cls")
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name and "classifier" in name:
+                p.copy_(torch.zeros_like(p) if name.endswith("weight") else margin * torch.eye(2)[label])
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_classification_accuracy_loss_and_flips_are_exact_for_constant_heads(tiny_models, tmp_path):
+    model_dir = tiny_models["bert"]
+    always_pos, always_neg = (constant_classifier(model_dir, tmp_path / name, label)
+                              for name, label in (("pos", 1), ("neg", 0)))  # labels index in sorted order
     data = tmp_path / "cls.jsonl"
-    rows = [{"text": w, "label": ["neg", "pos"][i % 2]} for i, w in enumerate(WORDS[:10])]
+    rows = [{"text": w, "label": "neg" if i < 3 else "pos"} for i, w in enumerate(WORDS[:10])]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "eval.json"
-    result = runner.invoke(app, ["-q", "eval", "--base", str(model_dir), "--adapter", str(tmp_path / "cls"),
-                                 "--data", str(data), "--json", str(out)])
+    result = runner.invoke(app, ["-q", "eval", "--base", str(model_dir), "--adapter", str(always_pos), "--adapter",
+                                 str(always_neg), "--data", str(data), "--reference-base", str(model_dir),
+                                 "--reference-adapter", str(always_pos), "--json", str(out)])
     assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())["results"]
-    assert [r["n"] for r in rows] == [10, 10] and all(0 <= r["accuracy"] <= 1 for r in rows)
+    base_row, pos, neg = json.loads(out.read_text())["results"]
+    assert base_row["n"] == pos["n"] == neg["n"] == 10
+    assert (pos["accuracy"], neg["accuracy"]) == (0.7, 0.3)
+    assert (pos["negative_flips"], neg["negative_flips"]) == (0, 7)  # the 7 positives the reference gets right
+    right = math.log1p(math.exp(-5.0))  # cross-entropy with logits (0, 5) on the right class
+    assert pos["loss"] == pytest.approx(right + 0.3 * 5.0, rel=1e-5)
+    assert neg["loss"] == pytest.approx(right + 0.7 * 5.0, rel=1e-5)
 
 
 def test_negative_flips_counts_only_lost_examples():
