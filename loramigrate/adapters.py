@@ -77,17 +77,7 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         IncompatibleModelsError: not a LoRA adapter, or a LoRA variant this tool cannot move (DoRA).
     """
     path = Path(path)
-    if not (path / CONFIG).is_file():
-        raise ArtifactError(f"{path} is not a PEFT adapter directory (no {CONFIG})")
-    if not (path / WEIGHTS).is_file():
-        has_bin = (path / "adapter_model.bin").exists()
-        hint = " (adapter_model.bin: re-save it with safe_serialization=True)" if has_bin else ""
-        raise ArtifactError(f"{path} has no {WEIGHTS}{hint}")
-    try:
-        config = json.loads((path / CONFIG).read_text())
-        tensors = load_file(str(path / WEIGHTS))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise ArtifactError(f"cannot read adapter {path}: {' '.join(str(e).split())}") from None
+    config, tensors = _read_files(path)
     if config.get("peft_type") != "LORA":
         raise IncompatibleModelsError(f"{path} is a {config.get('peft_type')} adapter; only LoRA adapters can be migrated")
     if config.get("use_dora"):
@@ -112,6 +102,55 @@ def read_adapter(path: str | Path) -> LoraAdapter:
     if not modules:
         raise ArtifactError(f"{path}: no LoRA weights in {WEIGHTS}")
     return LoraAdapter(config=config, modules=modules, extra=extra)
+
+
+def check_adapter_dir(path: str | Path) -> None:
+    """Refuse an adapter directory that a stage could not use, before it loads any model: a NaN or inf
+    would otherwise surface as an SVD failure, a "diverged" training or ``nan`` in a table.
+
+    Raises:
+        ArtifactError: missing, unreadable or non-finite files.
+    """
+    _read_files(Path(path))
+
+
+def _read_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and the tensors of an adapter directory, all finite."""
+    if not (path / CONFIG).is_file():
+        raise ArtifactError(f"{path} is not a PEFT adapter directory (no {CONFIG})")
+    if not (path / WEIGHTS).is_file():
+        has_bin = (path / "adapter_model.bin").exists()
+        hint = " (adapter_model.bin: re-save it with safe_serialization=True)" if has_bin else ""
+        raise ArtifactError(f"{path} has no {WEIGHTS}{hint}")
+    try:
+        config = json.loads((path / CONFIG).read_text())
+        tensors = load_file(str(path / WEIGHTS))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise ArtifactError(f"cannot read adapter {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"cannot read adapter {path}: {CONFIG} is not a JSON object")
+    if bad := nonfinite(tensors):
+        raise ArtifactError(f"adapter {path} holds NaN or inf values ({_first_of(bad)})")
+    return config, tensors
+
+
+def check_written_adapter(stage_dir: Path, stage: str) -> None:
+    """Refuse to publish a stage directory whose adapter holds NaN or inf (a degenerate alignment or fit).
+
+    Raises:
+        ArtifactError: a non-finite tensor in ``stage_dir``'s adapter.
+    """
+    if (stage_dir / WEIGHTS).is_file() and (bad := nonfinite(load_file(str(stage_dir / WEIGHTS)))):
+        raise ArtifactError(f"the {stage} stage computed NaN or inf values ({_first_of(bad)}); nothing was written")
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _first_of(names: list[str]) -> str:
+    return names[0] + (f" and {len(names) - 1} more tensors" if len(names) > 1 else "")
 
 
 def write_adapter(adapter: LoraAdapter, path: Path) -> None:

@@ -31,6 +31,10 @@ NORM_PATHS: dict[str, tuple[str, ...]] = {
     "attn_in": ("input_layernorm",),
     "mlp_in": ("pre_feedforward_layernorm", "post_attention_layernorm"),
 }
+# Task heads (modules_to_save) that read another head module's output instead of the final-normed hidden
+# state, as the supported families name them: BERT's classifier reads the pooler, RoBERTa/MPNet's out_proj
+# reads the head's dense layer. Both upstream modules output as many units as the hidden size.
+HEAD_INPUTS: dict[str, str] = {"classifier": "pooler.dense", "classifier.out_proj": "classifier.dense"}
 ATTENTION_ROLES = ("q", "k", "v", "o")
 MLP_ROLES = ("gate", "up", "down")
 ROLES = ATTENTION_ROLES + MLP_ROLES

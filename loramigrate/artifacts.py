@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loramigrate import __version__
+from loramigrate.adapters import check_written_adapter
 from loramigrate.errors import ArtifactError
 from loramigrate.models import resolved_load
 
@@ -34,7 +35,7 @@ MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 # the format of each stage's directory: bump a stage's number when what it writes changes meaning, so
 # that directories of that stage written before are redone, and a mere release invalidates nothing
-SCHEMAS = {"align": 1, "transfer": 1, "search": 1, "finetune": 1, "eval": 1}
+SCHEMAS = {"align": 1, "transfer": 1, "search": 1, "finetune": 1, "eval": 2}
 
 
 def sha256_file(path: Path) -> str:
@@ -49,7 +50,8 @@ def hash_input(path: str | Path) -> str:
     """Content hash of a file or a directory (all files, sorted by relative path; the manifest and
     ``cache/``, which later stages may fill, are left out).
 
-    Hub ids that are not local paths hash to ``hub:<id>``: their content is pinned by the hub.
+    A hub model, ``<id>@<commit>`` as ``resolve_model`` pins it, hashes to ``hub:<id>@<commit>``: a commit
+    names its content.
     """
     p = Path(path)
     if p.is_file():
@@ -216,18 +218,28 @@ def _lock(path: Path, out_dir: Path) -> int:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise ArtifactError(f"cannot write beside {out_dir}: {e.strerror}") from None
+        holder = os.pread(fd, 32, 0).decode().strip()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode().strip() or "unknown"
             os.close(fd)
-            raise ArtifactError(f"another loramigrate process is writing {out_dir} (pid {holder})") from None
+            raise ArtifactError(_held_by(holder, path, out_dir)) from None
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:  # else its holder unlinked it as we opened it
+                if holder.isdigit() and int(holder) != os.getpid():  # a holder that exits removes the file
+                    log.warning("taking over %s, left by process %s, which is gone", path, holder)
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 return fd
         os.close(fd)
+
+
+def _held_by(holder: str, path: Path, out_dir: Path) -> str:
+    """Why the lock is taken: its writer runs, or it died and a process it started holds the lock still."""
+    if holder.isdigit() and not pid_alive(int(holder)):
+        return (f"{path} is still held by a child of process {holder}, which died writing {out_dir}; "
+                f"stop that child process, or delete {path}")
+    return f"another loramigrate process is writing {out_dir} (pid {holder or 'unknown'})"
 
 
 def remove_leftovers(out_dir: Path) -> None:
@@ -235,12 +247,13 @@ def remove_leftovers(out_dir: Path) -> None:
     ``out_dir`` (a kill between creating and publishing them)."""
     for p in out_dir.parent.glob(f"{glob.escape(out_dir.name)}.*-*"):
         kind, _, pid = p.name[len(out_dir.name) + 1:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
             log.info("removing %s, left by process %s, which is gone", p, pid)
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host runs with that pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -256,7 +269,8 @@ def stage_output(
 ) -> Iterator[StageRun]:
     """Yield a run whose ``tmp_dir`` receives the outputs; publish it atomically on success.
 
-    On any exception the temporary directory is removed and ``out_dir`` is left as it was.
+    An adapter holding NaN or inf is never published. On any exception the temporary directory is removed
+    and ``out_dir`` is left as it was.
     """
     out_dir = Path(out_dir)
     prepare_output(out_dir, allow, [v["path"] for v in inputs.values()])
@@ -267,6 +281,7 @@ def stage_output(
         run = StageRun(stage=stage, config=config, inputs=inputs, tmp_dir=tmp)
         try:
             yield run
+            check_written_adapter(tmp, stage)
             (tmp / MANIFEST).write_text(json.dumps(run.manifest(), indent=2))
             _publish(tmp, out_dir)
         except BaseException:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loramigrate.adapters import check_adapter_dir
 from loramigrate.errors import ArtifactError, ConfigError
 from loramigrate.progress import ProgressFn, no_progress
 
@@ -244,6 +245,8 @@ def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: i
 
     from loramigrate.models import load_model, load_tokenizer, resolve_model
 
+    for adapter in adapters:
+        check_adapter_dir(adapter)
     ref = resolve_model(base_ref)
     tok = load_tokenizer(ref)
     num_labels = len(task.labels) if task.kind == "classification" else None
@@ -271,17 +274,11 @@ def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: i
 
 
 def unload_to_base(model: nn.Module) -> nn.Module:
-    """The base model as it was before the adapter: PEFT's ``unload`` keeps an adapter's
-    ``modules_to_save`` copies (a trained head) in the model, which the next adapter would inherit."""
-    from peft.utils.other import ModulesToSaveWrapper
-
-    originals = {name.removeprefix("base_model.model."): m.original_module for name, m in model.named_modules()
-                 if isinstance(m, ModulesToSaveWrapper)}
-    base = model.unload()
-    for name, original in originals.items():
-        parent, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent) if parent else base, child, original)
-    return base
+    """The base model as it was before the adapter. PEFT's ``unload`` puts the active adapter's
+    ``modules_to_save`` copies (a trained head) in place of the originals, which the next adapter would
+    inherit; with the adapter deleted first, none is active and the originals come back."""
+    model.delete_adapter(model.active_adapter)
+    return model.unload()
 
 
 def with_flips(results: list[EvalResult], reference: EvalResult) -> list[EvalResult]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -11,21 +12,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loramigrate.adapters import CONFIG
+from loramigrate.adapters import check_adapter_dir
 from loramigrate.config import Device, Dtype
 from loramigrate.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Where a model comes from: ``source`` is what from_pretrained gets, ``gguf_file`` if any."""
+    """Where a model comes from: ``source`` is what from_pretrained gets, with ``gguf_file`` if any, and for a
+    hub id the commit ``revision`` it was resolved to."""
 
     source: str
     gguf_file: str | None = None
+    revision: str | None = None
 
     @property
     def local(self) -> bool:
@@ -33,8 +36,15 @@ class ModelRef:
 
     @property
     def path(self) -> str:
-        """The path whose content identifies the model (the GGUF file itself when given)."""
+        """What identifies the model's content: the directory, the GGUF file itself, or ``<hub id>@<commit>``."""
+        if self.revision:
+            return f"{self.source}@{self.revision}"
         return str(Path(self.source) / self.gguf_file) if self.gguf_file else self.source
+
+    @property
+    def load_kwargs(self) -> dict[str, str]:
+        """What from_pretrained needs besides ``source``."""
+        return {k: v for k, v in (("gguf_file", self.gguf_file), ("revision", self.revision)) if v}
 
 
 def resolve_model(ref: str | Path) -> ModelRef:
@@ -53,9 +63,30 @@ def resolve_model(ref: str | Path) -> ModelRef:
         if not (p / "config.json").is_file():
             raise ArtifactError(f"{ref} is not a model directory (no config.json)")
         return ModelRef(str(p))
-    if _HUB_ID.match(ref) and not ref.startswith((".", "/")):
-        return ModelRef(ref)
+    hub = _HUB_ID.match(ref)
+    if hub and not ref.startswith((".", "/")):
+        return ModelRef(hub["repo"], revision=hub_commit(hub["repo"], hub["revision"]))
     raise ArtifactError(f"model {ref} not found: no such directory or file")
+
+
+@functools.cache  # one commit per run, and one hub request per model
+def hub_commit(repo: str, revision: str | None = None) -> str:
+    """The commit a hub id (at a branch, tag or commit; default main) stands for now, from the hub or, offline,
+    from the local cache: manifests record it and every load of the run reads it, even if the hub moves on.
+
+    Raises:
+        ArtifactError: neither the hub nor the local cache knows the model.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    try:
+        config = hf_hub_download(repo, "config.json", revision=revision)
+    except (OSError, ValueError, HfHubHTTPError, EntryNotFoundError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"model {repo} not found: no such directory, and the hub and its local cache do not "
+                            f"resolve it ({first})") from None
+    return Path(config).parent.name  # <cache>/models--org--name/snapshots/<commit>/config.json
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -92,7 +123,18 @@ def _is_causal_lm(ref: ModelRef) -> bool:
 def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num_labels: int | None = None
                ) -> nn.Module:
     """Load a model in eval mode: causal LMs with their LM head, encoders as the bare model, or with
-    a sequence-classification head of ``num_labels`` classes when given (see ``new_modules``).
+    a sequence-classification head of ``num_labels`` classes when given.
+
+    Raises:
+        ArtifactError: the files cannot be read (corrupt weights, missing shards, offline hub id).
+    """
+    return load_with_new_modules(ref, dtype, device, num_labels)[0]
+
+
+def load_with_new_modules(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num_labels: int | None = None
+                          ) -> tuple[nn.Module, list[str]]:
+    """``load_model``, and the modules it initialised at random (no weights in the checkpoint: a new
+    classification head, a pooler a distilled checkpoint dropped), which an adapter must save to be reproducible.
 
     Raises:
         ArtifactError: the files cannot be read (corrupt weights, missing shards, offline hub id).
@@ -106,7 +148,7 @@ def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num
         hf_logging.set_verbosity_error()  # e.g. load reports about an unused pooler
     dev = resolve_device(device)
     cls = AutoModelForCausalLM if _is_causal_lm(ref) else AutoModel
-    kwargs: dict = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    kwargs: dict = ref.load_kwargs
     if num_labels is not None:
         cls, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels
     try:
@@ -117,17 +159,10 @@ def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num
         raise ArtifactError(f"cannot load model {ref.path}: {first}") from e
     log.info("loaded %s (%s, %.1fM params)", ref.path, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6)
-    model.loramigrate_new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})
     if num_labels is not None and model.config.pad_token_id is None:
         # causal-LM classifiers pool the last non-pad token, so they need the pad id the tokenizer pads with
         model.config.pad_token_id = load_tokenizer(ref).pad_token_id
-    return model.to(dev).eval()
-
-
-def new_modules(model: nn.Module) -> list[str]:
-    """Modules ``load_model`` initialised at random (no weights in the checkpoint: a new classification
-    head, a pooler a distilled checkpoint dropped). An adapter must save them to be reproducible."""
-    return list(getattr(model, "loramigrate_new_modules", []))
+    return model.to(dev).eval(), sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})
 
 
 def load_tokenizer(ref: ModelRef):  # -> transformers.PreTrainedTokenizerBase
@@ -138,7 +173,7 @@ def load_tokenizer(ref: ModelRef):  # -> transformers.PreTrainedTokenizerBase
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    kwargs = ref.load_kwargs
     # A tokenizer.json describes the whole pipeline; model-specific classes may rebuild it from
     # vocab/merges files instead, so prefer it when present.
     has_json = ref.local and not ref.gguf_file and (Path(ref.source) / "tokenizer.json").is_file()
@@ -179,8 +214,7 @@ def load_pair(base: str, adapter: str, dtype: Dtype = "auto", device: Device = "
     from peft import PeftModel
 
     ref = resolve_model(base)
-    if not (Path(adapter) / CONFIG).is_file():
-        raise ArtifactError(f"{adapter} is not a PEFT adapter directory (no {CONFIG})")
+    check_adapter_dir(adapter)
     model = load_model(ref, dtype, device, num_labels=num_labels)
     try:
         pair = PeftModel.from_pretrained(model, adapter)

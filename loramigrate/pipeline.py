@@ -17,19 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramigrate.align import run_align
-from loramigrate.artifacts import hash_inputs, is_up_to_date, read_manifest, refuse_overlap, stage_output
+from loramigrate.artifacts import read_manifest, refuse_overlap
 from loramigrate.errors import ConfigError
-from loramigrate.evaluate import EvalResult, evaluate_pairs, read_task, with_flips, with_gap
+from loramigrate.eval import RESULTS, Comparison, Pair, run_eval
+from loramigrate.evaluate import read_task
 from loramigrate.finetune.runner import run_finetune
 from loramigrate.models import resolve_model, shared_vocabulary
 from loramigrate.progress import ProgressFn, no_progress
-from loramigrate.proxy import evaluate_proxy
+from loramigrate.proxy import NAME as PROXY
 from loramigrate.recipes import STAGES, Recipe
 from loramigrate.search import run_search
 from loramigrate.transfer import run_transfer
 
 log = logging.getLogger(__name__)
-RESULTS = "results.json"
 
 
 @dataclass
@@ -48,7 +48,8 @@ class AdapterRun:
 
 
 def _stage(out: Path, runner, *args, **kwargs) -> bool:
-    """Call a stage runner for ``out``; True when it (re)wrote ``out``, False when it kept a matching result."""
+    """Call a runner that returns its directory (align, search) for ``out``; True when it (re)wrote ``out``, False
+    when it kept a matching result. The other runners say so themselves."""
     manifest = out / "manifest.json"
     before = manifest.stat().st_mtime_ns if manifest.is_file() else None
     runner(*args, **kwargs)
@@ -96,8 +97,8 @@ def _migrate(recipe: Recipe, r: AdapterRun, base: Path, forced: set[str], progre
     """transfer → search → finetune → eval of one adapter, each stage kept when its manifest matches."""
     align = str(r.dirs["align"])
     r.dirs["transfer"] = init = base / "transfer"
-    r.ran["transfer"] = _stage(init, run_transfer, recipe.transfer_config(align, r.source), init,
-                               force="transfer" in forced, progress=progress)
+    r.ran["transfer"] = run_transfer(recipe.transfer_config(align, r.source), init, force="transfer" in forced,
+                                     progress=progress)
     if recipe.search is not None:
         r.dirs["search"] = out = base / "search"
         r.ran["search"] = _stage(out, run_search, recipe.search_config(align, str(init), r.source), out, progress,
@@ -105,53 +106,26 @@ def _migrate(recipe: Recipe, r: AdapterRun, base: Path, forced: set[str], progre
         init = out
     if recipe.finetune is not None:
         r.dirs["finetune"] = out = base / "finetune"
-        r.ran["finetune"] = _stage(out, run_finetune, recipe.finetune_config(str(init), r.source), out, progress,
-                                   force="finetune" in forced)
+        r.ran["finetune"] = run_finetune(recipe.finetune_config(str(init), r.source), out, progress,
+                                         force="finetune" in forced)
     r.dirs["eval"] = out = base / "eval"
-    r.ran["eval"] = _stage(out, run_eval, recipe, r, out, progress, force="eval" in forced)
-    r.results = json.loads((out / RESULTS).read_text())["results"]
+    r.ran["eval"] = run_eval(recipe.eval_config(), _comparison(recipe, r), out, progress, force="eval" in forced)
+    results = json.loads((out / RESULTS).read_text())
+    r.results = [results["reference"], *results["results"]]
 
 
-def run_eval(recipe: Recipe, r: AdapterRun, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False
-             ) -> Path:
-    """The report's comparison on the test split: old base + old adapter (the reference for negative
-    flips), new base alone, the old adapter copied onto the new base where shapes allow, each stage, and the
-    proxy ensemble where the task is generation and the bases share a vocabulary; each with the share of the
-    old adapter's gain it recovers."""
-    arms = {"transfer": r.dirs["transfer"], **{s: r.dirs[s] for s in ("search", "finetune") if s in r.dirs}}
-    inputs = hash_inputs({"old": recipe.old, "new": recipe.new, "adapter": r.source, "data": recipe.data.test,
-                          **{k: str(v) for k, v in arms.items()}})
-    opts = recipe.eval_config()
-    task = read_task(recipe.data.test, opts.limit)
-    proxy = task.kind == "generation" and shared_vocabulary(resolve_model(recipe.old), resolve_model(recipe.new))
-    config = {**opts.model_dump(), "proxy_arm": proxy}
-    if not force and is_up_to_date(out_dir, "eval", config, inputs):
-        return out_dir
-    with stage_output(out_dir, "eval", config, inputs) as run:
-        (reference,) = evaluate_pairs(recipe.old, [r.source], task, opts.batch_size, opts.load, progress,
-                                      include_base=False)
-        new = evaluate_pairs(recipe.new, [r.source, *map(str, arms.values())], task, opts.batch_size, opts.load,
-                             progress)
-        by_dir = {res.adapter: res for res in new[1:]}  # an adapter that does not load has no result
-        labels = {"transfer": "transfer only", "search": "searched init", "finetune": "final (finetuned)"}
-        results = [("old base + old adapter", reference), ("new base alone", new[0]),
-                   ("copy (old adapter as is)", by_dir.get(r.source)),
-                   *((labels[stage], by_dir[str(path)]) for stage, path in arms.items())]
-        if proxy:
-            results.append(("proxy ensemble", evaluate_proxy(recipe.new, recipe.old, r.source, task,
-                                                             opts.batch_size, opts.load, progress)))
-        rows = [_row(arm, res, reference, new[0]) for arm, res in results]
-        (run.tmp_dir / RESULTS).write_text(json.dumps({"metric": reference.metric, "results": rows}, indent=2))
-    return out_dir
-
-
-def _row(arm: str, res: EvalResult | None, reference: EvalResult, new_alone: EvalResult) -> dict:
-    """One arm of the comparison: its gap recovered, and its negative flips against ``reference`` (unless it
-    is the reference); an arm without a result did not load."""
-    if res is None:
-        return {"arm": arm, "note": "does not load: shapes differ"}
-    (res,) = with_gap(with_flips([res], reference) if res is not reference else [res], reference, new_alone)
-    return {"arm": arm, **res.summary(), "metric": res.metric, "score": res.score}
+def _comparison(recipe: Recipe, r: AdapterRun) -> Comparison:
+    """The report's comparison on the test split: old base + old adapter (the reference for negative flips), new
+    base alone, the old adapter copied onto the new base where shapes allow, each stage, and the proxy ensemble
+    where the task is generation and the bases share a vocabulary."""
+    labels = {"transfer": "transfer only", "search": "searched init", "finetune": "final (finetuned)"}
+    arms = [Pair("copy (old adapter as is)", recipe.new, r.source),
+            *(Pair(labels[s], recipe.new, str(r.dirs[s])) for s in labels if s in r.dirs)]
+    generation = read_task(recipe.data.test, 1).kind == "generation"
+    proxy = generation and shared_vocabulary(resolve_model(recipe.old), resolve_model(recipe.new))
+    return Comparison(recipe.data.test, Pair("new base alone", recipe.new), tuple(arms),
+                      reference=Pair("old base + old adapter", recipe.old, r.source),
+                      proxy=Pair(PROXY, recipe.old, r.source) if proxy else None)
 
 
 def gap_text(row: dict) -> str:

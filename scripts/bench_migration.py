@@ -48,7 +48,8 @@ def main() -> None:
        "--set", f"data.val={val}", "--set", f"data.test={test}", "--set", f"eval.limit={args.test_limit}",
        "--set", f"finetune.steps={args.steps}")
     run = w / "run" / "old"
-    results = {r["arm"]: r for r in json.loads((run / "eval" / "results.json").read_text())["results"]}
+    compared = json.loads((run / "eval" / "results.json").read_text())
+    results = {r["arm"]: r for r in [compared["reference"], *compared["results"]]}
     sh("eval", "--base", args.new_base, "--adapter", w / "retrain", "--adapter", w / "scratch", "--data", test,
        "--limit", args.test_limit, "--reference-base", args.old_base, "--reference-adapter", w / "old",
        "--json", w / "eval-baselines.json")

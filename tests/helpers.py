@@ -209,6 +209,14 @@ def make_lora(model_dir: Path, out: Path, targets: list[str], r: int = 4, alpha:
     return out
 
 
+def finetuned(cfg, out: Path, **kwargs) -> Path:
+    """``run_finetune`` into ``out``, returned (the runner itself returns whether it ran)."""
+    from loramigrate.finetune.runner import run_finetune
+
+    run_finetune(cfg, out, **kwargs)
+    return Path(out)
+
+
 def run_script(script: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``scripts/<script>`` with bash, with this interpreter's ``loramigrate`` first on PATH (pytest may
     run from a venv that is not activated)."""
@@ -216,3 +224,26 @@ def run_script(script: str, *args, timeout: int = 600) -> subprocess.CompletedPr
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(["bash", str(path), *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from loramigrate.artifacts import output_lock
+with output_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def python_env() -> dict[str, str]:
+    """The environment of a ``python -c`` subprocess that imports the loramigrate these tests run."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), *sys.path])}
+
+
+def lock_holder(out: Path) -> subprocess.Popen:
+    """Another process holding the output lock of ``out`` (the lock is re-entrant within this one)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True,
+                            env=python_env())
+    assert proc.stdout.readline().strip() == "locked"
+    return proc

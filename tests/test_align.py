@@ -96,11 +96,35 @@ def test_rerun_is_skipped_and_deterministic(tiny_models, tmp_path):
     assert (out / "alignment.safetensors").read_bytes() == first
 
 
-@pytest.mark.parametrize("mapper", ["first", "last", "uniform"])
-def test_ablation_layer_mappers_are_selectable(deeper_upgrade, tmp_path, mapper):
+@pytest.mark.parametrize(("mapper", "expected"), [
+    ("first", [0, 1, 2, 3, None, None]),
+    ("last", [None, None, 0, 1, 2, 3]),
+    ("uniform", [0, None, 1, 2, None, 3]),  # 4 old layers spread evenly over 6 new ones
+])
+def test_ablation_layer_mappers_decide_the_layer_map(deeper_upgrade, tmp_path, mapper, expected):
     old, new, _ = deeper_upgrade
     a = align(old, new, tmp_path / "al", "--layer-map", mapper)
-    assert a.info["options"]["layer_map"] == mapper
+    assert a.layer_map == expected
+    assert {j: la.old_layer for j, la in a.layers.items()} == {j: i for j, i in enumerate(expected) if i is not None}
+
+
+def test_pooled_calibration_cuts_long_texts_into_windows_and_warns_on_few_rows(tmp_path):
+    """Different tokenizers: one mean-pooled row per --seq-len window, so shorter windows give more rows."""
+    from tests.helpers import build, make_tokenizer, save, tiny_config
+
+    old = save(build(tiny_config("llama", hidden=16)), make_tokenizer(WORDS), tmp_path / "old")
+    new = save(build(tiny_config("llama", hidden=16), seed=1), make_tokenizer(WORDS[::-1]), tmp_path / "new")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(" ".join(WORDS[k:k + 20]) for k in range(0, 100, 20)))  # 5 texts of 20 tokens
+    rows = {}
+    for seq_len in (20, 4):
+        result = runner.invoke(app, ["align", "--old", str(old), "--new", str(new), "-o", str(tmp_path / str(seq_len)),
+                                     "--calib", str(calib), "--seq-len", str(seq_len)])
+        assert result.exit_code == 0, result.output
+        rows[seq_len] = load_alignment(tmp_path / str(seq_len)).info["calibration"]["rows"]
+        warned = f"CKA on {rows[seq_len]} pooled rows in up to 16 dimensions" in " ".join(result.stderr.split())
+        assert warned == (rows[seq_len] < 16)
+    assert rows == {20: 5, 4: 25}
 
 
 def test_per_layer_transfer_recovers_the_rotation_at_every_depth(known_upgrade, tmp_path):

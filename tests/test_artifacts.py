@@ -1,15 +1,23 @@
-"""Stage directories: what manifests record, which old artifacts stay valid, outputs that overlap inputs.
+"""Stage directories: what manifests record, which old artifacts stay valid, outputs that overlap inputs, locks
+left by killed processes, adapters that are not finite.
 
     pytest tests/test_artifacts.py
 """
 
 import json
+import logging
+import signal
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from loramigrate import artifacts
+from loramigrate.adapters import LoraAdapter, LoraModule, write_adapter
 from loramigrate.artifacts import check_stage, hash_inputs, output_lock, stage_output
 from loramigrate.errors import ArtifactError
+from tests.helpers import lock_holder
 
 LOAD = {"load": {"dtype": "auto", "device": "auto"}}
 
@@ -53,3 +61,52 @@ def test_the_lock_is_reentrant_and_leaves_no_file(tmp_path):
         assert (tmp_path / "out.lock").read_text().strip().isdigit()
         write_stage(out)  # a runner holds the lock around its stage_output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over_with_one_line(tmp_path, caplog):
+    out = tmp_path / "out"
+    holder = lock_holder(out)
+    with pytest.raises(ArtifactError, match=f"another loramigrate process is writing .* \\(pid {holder.pid}\\)"):
+        write_stage(out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / "out.lock").read_text().strip() == str(holder.pid)  # kill -9 runs no cleanup
+    with caplog.at_level(logging.WARNING, logger="loramigrate.artifacts"):
+        write_stage(out)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"taking over {tmp_path / 'out.lock'}, left by process {holder.pid}, which is gone"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_lock_still_held_by_a_child_of_a_dead_writer_is_named_as_such(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    # what a child inheriting the descriptor (a forked worker) holds after its parent was killed
+    child = subprocess.Popen([sys.executable, "-c", INHERITED_LOCK, str(tmp_path / "out.lock"), str(dead.pid)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(ArtifactError, match=f"still held by a child of process {dead.pid}, which died"):
+            write_stage(tmp_path / "out")
+    finally:
+        child.kill()
+        child.wait()
+
+
+INHERITED_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, sys.argv[2].encode())
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_no_stage_publishes_an_adapter_holding_nan_or_inf(tmp_path):
+    adapter = LoraAdapter(config={"peft_type": "LORA"}, modules={
+        "layers.0.q_proj": LoraModule(a=torch.ones(2, 4), b=torch.full((4, 2), float("inf")), alpha=8.0)})
+    with pytest.raises(ArtifactError, match="the transfer stage computed NaN or inf values .*q_proj.lora_B"):
+        with stage_output(tmp_path / "out", "transfer", LOAD, {}) as run:
+            write_adapter(adapter, run.tmp_dir)
+    assert list(tmp_path.iterdir()) == []

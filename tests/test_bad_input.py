@@ -1,6 +1,5 @@
-"""Bad input to every command but search: one red line naming the problem, exit code 1 (or, for an option value
-typer cannot parse, its usage error naming the option, exit code 2), nothing written
-and no input changed.
+"""Bad input to every command: one red line naming the problem, exit code 1 (or, for an option value typer
+cannot parse, its usage error naming the option, exit code 2), nothing written and no input changed.
 
     pytest tests/test_bad_input.py
 """
@@ -8,7 +7,6 @@ and no input changed.
 import json
 
 import pytest
-import torch
 import transformers
 import yaml
 from safetensors.torch import load_file, save_file
@@ -118,11 +116,15 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     model = make_tiny("llama", root / "model")
     adapter = make_lora(model, root / "adapter", targets=["q_proj", "v_proj"])
-    nan = make_lora(model, root / "nan", targets=["q_proj", "v_proj"])
-    weights = load_file(nan / "adapter_model.safetensors")
-    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, nan / "adapter_model.safetensors")
+    nan = poisoned(make_lora(model, root / "nan", targets=["q_proj", "v_proj"]), float("nan"))
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{w} {w}", "completion": " water"}) + "\n" for w in WORDS[:20]))
+    for args in (["align", "--old", model, "--new", model, "--max-tokens", "64", "-o", root / "aligned"],
+                 ["transfer", "--align", root / "aligned", "--adapter", adapter, "-o", root / "transfer"],
+                 ["transfer", "--align", root / "aligned", "--adapter", adapter, "-o", root / "inf-transfer"]):
+        result = runner.invoke(app, ["-q", *map(str, args)])
+        assert result.exit_code == 0, result.output
+    poisoned(root / "inf-transfer", float("inf"))  # its manifest still says it is a finished transfer
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"name": "bad", "old": str(root / "no-old"), "new": str(root / "no-new"),
                                       "adapters": [str(adapter)],
@@ -130,6 +132,15 @@ def inputs(tmp_path_factory):
     (root / "dangling").symlink_to(root / "nowhere")
     (root / "a dir").mkdir()
     return {"model": model, "adapter": adapter, "nan": nan, "data": data, "recipe": recipe, "root": root}
+
+
+def poisoned(adapter, value: float):
+    """The adapter with one entry of each tensor set to ``value``."""
+    weights = load_file(adapter / "adapter_model.safetensors")
+    for w in weights.values():
+        w.view(-1)[0] = value
+    save_file(weights, adapter / "adapter_model.safetensors")
+    return adapter
 
 
 def align(*extra):
@@ -146,6 +157,11 @@ def finetune(*extra):
 
 def evaluate(*extra):
     return ["eval", "--base", "{model}", "--data", "{data}", *extra]
+
+
+def search(*extra):
+    return ["search", "--align", "{root}/aligned", "--transfer", "{root}/transfer", "--data", "{data}", "-o", "{out}",
+            *extra]
 
 
 def run(*extra):
@@ -173,6 +189,7 @@ CASES = [  # (command line, a fragment of the one-line message)
     (transfer("--fit-steps", "-1"), "fit_steps"),
     (transfer("--fit-lr", "0"), "fit_lr"),
     (transfer("--fit-lr", "inf"), "fit_lr"),
+    (transfer("--align", "{root}/aligned", "--adapter", "{nan}"), "holds NaN or inf values"),
     (finetune("--rank", "0"), "rank"),
     (finetune("--alpha", "0"), "alpha"),
     (finetune("--alpha", "inf"), "alpha"),
@@ -202,6 +219,7 @@ CASES = [  # (command line, a fragment of the one-line message)
     (finetune("--restart-every", "5", "--reg-lambda", "1"), "cannot be combined"),
     (finetune("--init", "{root}/a dir"), "not a PEFT adapter directory"),
     (finetune("--init", "{nan}"), "holds NaN or inf values"),
+    (finetune("--teacher", "old", "--teacher-base", "{model}", "--teacher-adapter", "{nan}"), "holds NaN or inf"),
     (finetune("--targets", "bogus_proj"), "bogus_proj"),
     (finetune("-o", "{model}/ft"), "overlaps the input"),
     (finetune("--init", "{adapter}", "-o", "{adapter}"), "overlaps the input"),
@@ -218,6 +236,33 @@ CASES = [  # (command line, a fragment of the one-line message)
     (transfer("--set", "bogus=1"), "bogus"),
     (finetune("--set", "targets=bogus_proj"), "bogus_proj"),
     (evaluate("--set", "limit=0"), "limit"),
+    (evaluate("--adapter", "{nan}"), "holds NaN or inf values"),
+    (evaluate("--adapter", "{root}/inf-transfer"), "holds NaN or inf values"),
+    (evaluate("--reference-base", "{model}", "--reference-adapter", "{nan}"), "holds NaN or inf values"),
+    (evaluate("--proxy-old-base", "{model}", "--proxy-old-adapter", "{nan}"), "holds NaN or inf values"),
+    (search("--transfer", "{root}/inf-transfer"), "holds NaN or inf values"),
+    (search("--objective", "distill", "--teacher-adapter", "{nan}"), "holds NaN or inf values"),
+    (search("--n-trials", "0"), "n_trials"),
+    (search("--timeout", "0"), "timeout"),
+    (search("--limit", "0"), "limit"),
+    (search("--alpha-max", "inf"), "alpha_max"),
+    (search("--alpha-min", "2"), "alpha_min"),
+    (search("--beta-max", "-1"), "beta_max"),
+    (search("--gamma-max", "nan"), "gamma_max"),
+    (search("--evolution-rank", "0"), "evolution_rank"),
+    (search("--set", "space=layers"), "space"),
+    (search("--objective", "distill"), "teacher_adapter"),
+    (search("--fidelity-steps", "2"), "needs training data"),
+    (search("--fidelity-lr", "0"), "fidelity_lr"),
+    (search("--batch-size", "0"), "batch_size"),
+    (search("--storage", "redis://localhost/0"), "expected an Optuna URL"),
+    (search("--data", "{root}/missing.jsonl"), "cannot read data file"),
+    (search("--transfer", "{root}/aligned"), "holds a 'align' stage"),
+    (search("--align", "{root}/transfer"), "holds a 'transfer' stage"),
+    (search("-o", "{root}/transfer/search"), "overlaps the input"),
+    (search("-o", "{root}/aligned"), "overlaps the input"),
+    (search("-o", "{root}/dangling"), "dangling symlink"),
+    (search("-o", "/proc/loramigrate/search"), "cannot write beside"),
     (run("--set", "finetune.steps=0"), "steps"),
     (run("--set", "finetune.steps=[1"), "not valid YAML"),
     (run("--set", "finetune.lr=.inf"), "lr"),
@@ -269,6 +314,9 @@ USAGE = [  # option values typer cannot parse: its usage error, naming the optio
     (evaluate("--limit", "all"), "--limit"),
     (run("--dtype", "float8"), "--dtype"),
     (["search", "--align", "a", "--transfer", "t", "--data", "d", "-o", "{out}", "--n-trials", "ten"], "--n-trials"),
+    (search("--space", "layers"), "--space"),
+    (search("--sampler", "cmaes"), "--sampler"),
+    (search("--objective", "accuracy"), "--objective"),
 ]
 
 

@@ -21,10 +21,9 @@ from loramigrate.config import FinetuneConfig
 from loramigrate.errors import ArtifactError
 from loramigrate.evaluate import EvalResult, generate_ids, read_task, with_gap
 from loramigrate.finetune.objective import distill_kl
-from loramigrate.finetune.runner import run_finetune
 from loramigrate.finetune.teacher import TEACHERS
 from loramigrate.models import load_pair
-from tests.helpers import WORDS, build, cue_rows, make_lora, make_tiny, make_tokenizer, save, tiny_config
+from tests.helpers import WORDS, build, cue_rows, finetuned, make_lora, make_tiny, make_tokenizer, save, tiny_config
 
 runner = CliRunner()
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -71,7 +70,7 @@ def cls(tmp_path_factory):
     ns = SimpleNamespace(old=dropout_free_bert(root / "old", 0), new=dropout_free_bert(root / "new", 1),
                          train=write(root / "train.jsonl", train), val=write(root / "val.jsonl", val),
                          texts=write(root / "texts.jsonl", [{"text": r["text"]} for r in train]))
-    ns.adapter = run_finetune(FinetuneConfig(base=str(ns.old), data=str(ns.train), val=str(ns.val), rank=4, alpha=8,
+    ns.adapter = finetuned(FinetuneConfig(base=str(ns.old), data=str(ns.train), val=str(ns.val), rank=4, alpha=8,
                                              steps=30, batch_size=8, lr=1e-2, eval_every=30), root / "adapter")
     return ns
 
@@ -92,14 +91,14 @@ def cls_config(c, **kw):
 def test_a_teacher_equal_to_the_student_gives_zero_loss_at_step_0(gen, tmp_path, teacher):
     """Identity pair: old base == new base and teacher adapter == init, so the proxy is the old pair too."""
     same = dict(init=str(gen.adapter), teacher=teacher, teacher_base=str(gen.old), teacher_adapter=str(gen.adapter))
-    out = run_finetune(gen_config(gen.old, gen.data, steps=1, **same), tmp_path / "same")
+    out = finetuned(gen_config(gen.old, gen.data, steps=1, **same), tmp_path / "same")
     assert history(out)[0]["loss"] <= 1e-6
-    fresh = run_finetune(gen_config(gen.old, gen.data, steps=1, **{**same, "init": "fresh"}), tmp_path / "fresh")
+    fresh = finetuned(gen_config(gen.old, gen.data, steps=1, **{**same, "init": "fresh"}), tmp_path / "fresh")
     assert history(fresh)[0]["loss"] > 1e-3  # the same measurement sees a student without the adapter
 
 
 def test_a_classifier_teacher_equal_to_the_student_gives_zero_loss_at_step_0(cls, tmp_path):
-    out = run_finetune(cls_config(cls, base=str(cls.old), init=str(cls.adapter), steps=1), tmp_path / "same")
+    out = finetuned(cls_config(cls, base=str(cls.old), init=str(cls.adapter), steps=1), tmp_path / "same")
     assert history(out)[0]["loss"] <= 1e-6
 
 
@@ -109,7 +108,7 @@ def test_distilling_from_a_fixed_teacher_lowers_the_kl(gen, tmp_path, teacher, s
     base, a fresh student starts near the proxy and a LoRA barely moves toward the offset.)"""
     cfg = gen_config(getattr(gen, student), gen.data, teacher=teacher, teacher_base=str(gen.old),
                      teacher_adapter=str(gen.adapter))
-    falls(history(run_finetune(cfg, tmp_path / "ft")))
+    falls(history(finetuned(cfg, tmp_path / "ft")))
 
 
 def falls(log, by=0.75):
@@ -122,10 +121,10 @@ def falls(log, by=0.75):
 
 
 def test_distilling_a_classifier_lowers_the_kl_and_mixes_in_the_labels(cls, tmp_path):
-    kl_only = history(run_finetune(cls_config(cls), tmp_path / "kl"))
+    kl_only = history(finetuned(cls_config(cls), tmp_path / "kl"))
     falls(kl_only)
-    mixed = history(run_finetune(cls_config(cls, distill_weight=0.5, steps=1), tmp_path / "mixed"))
-    labels = history(run_finetune(cls_config(cls, teacher="none", steps=1), tmp_path / "labels"))
+    mixed = history(finetuned(cls_config(cls, distill_weight=0.5, steps=1), tmp_path / "mixed"))
+    labels = history(finetuned(cls_config(cls, teacher="none", steps=1), tmp_path / "labels"))
     # same student, same batch at step 0: the mix is halfway between the KL and the label loss
     assert mixed[0]["loss"] == pytest.approx(0.5 * kl_only[0]["loss"] + 0.5 * labels[0]["loss"], rel=1e-4)
 
@@ -135,13 +134,13 @@ def test_prompts_only_data_trains_on_the_teachers_greedy_completions(gen, tmp_pa
         read_task(gen.prompts)
     cfg = gen_config(gen.new, gen.prompts, teacher="old", teacher_base=str(gen.old), teacher_adapter=str(gen.adapter))
     with caplog.at_level(logging.INFO, logger="loramigrate"):
-        log = history(run_finetune(cfg, tmp_path / "ft"))
+        log = history(finetuned(cfg, tmp_path / "ft"))
     assert "the teacher supplied 22 training targets" in caplog.text
     falls(log)
 
 
 def test_text_only_classification_data_takes_the_teachers_labels(cls, tmp_path):
-    falls(history(run_finetune(cls_config(cls, data=str(cls.texts)), tmp_path / "ft")))
+    falls(history(finetuned(cls_config(cls, data=str(cls.texts)), tmp_path / "ft")))
 
 
 def test_the_proxy_teacher_on_an_identity_pair_is_the_old_pair(gen, tmp_path):
@@ -193,14 +192,14 @@ def test_a_changed_teacher_redoes_the_stage(gen, tmp_path):
     teacher = tmp_path / "teacher"
     shutil.copytree(gen.adapter, teacher)
     cfg = gen_config(gen.new, gen.data, steps=1, teacher="old", teacher_base=str(gen.old), teacher_adapter=str(teacher))
-    out = run_finetune(cfg, tmp_path / "ft")
+    out = finetuned(cfg, tmp_path / "ft")
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"teacher_base", "teacher_adapter"} <= set(manifest["inputs"])
-    run_finetune(cfg, out)
+    finetuned(cfg, out)
     assert json.loads((out / "manifest.json").read_text()) == manifest  # up to date: kept
     shutil.rmtree(teacher)
     make_lora(gen.old, teacher, targets=TARGETS, seed=5)
-    run_finetune(cfg, out)
+    finetuned(cfg, out)
     assert json.loads((out / "manifest.json").read_text())["inputs"] != manifest["inputs"]
 
 

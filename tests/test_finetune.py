@@ -18,8 +18,7 @@ from loramigrate.cli.main import app
 from loramigrate.config import FinetuneConfig
 from loramigrate.errors import ArtifactError
 from loramigrate.finetune import loop
-from loramigrate.finetune.runner import run_finetune
-from tests.helpers import WORDS, make_lora
+from tests.helpers import WORDS, finetuned, make_lora
 
 runner = CliRunner()
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -47,7 +46,7 @@ def delta(adapter_dir):
 
 
 def test_finetune_learns_and_writes_its_artifacts(tiny_models, task, tmp_path):
-    out = run_finetune(config(tiny_models["llama"], task), tmp_path / "ft")
+    out = finetuned(config(tiny_models["llama"], task), tmp_path / "ft")
     history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     evals = [r for r in history if "val_loss" in r]
     assert len(history) == 30 and len(evals) == 3
@@ -58,7 +57,7 @@ def test_finetune_learns_and_writes_its_artifacts(tiny_models, task, tmp_path):
 
 
 def test_target_stops_early_and_records_time_to_readiness(tiny_models, task, tmp_path):
-    out = run_finetune(config(tiny_models["llama"], task, steps=200, target="loss=5.0"), tmp_path / "ft")
+    out = finetuned(config(tiny_models["llama"], task, steps=200, target="loss=5.0"), tmp_path / "ft")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["time_to_target"]["step"] == 10 and manifest["time_to_target"]["s"] > 0
     assert len((out / "log.jsonl").read_text().splitlines()) == 10
@@ -75,24 +74,24 @@ def interrupt(monkeypatch, cfg, out, at_step):
     with monkeypatch.context() as m:
         m.setattr(loop, "_checkpoint", crash)
         with pytest.raises(KeyboardInterrupt):
-            run_finetune(cfg, out)
+            finetuned(cfg, out)
     assert not out.exists() and list(out.parent.glob(f"{out.name}.ckpt-*"))
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(tiny_models, task, tmp_path, monkeypatch):
     cfg = config(tiny_models["llama"], task)
-    whole = run_finetune(cfg, tmp_path / "whole")
+    whole = finetuned(cfg, tmp_path / "whole")
     interrupt(monkeypatch, cfg, tmp_path / "resumed", at_step=20)
-    resumed = run_finetune(cfg, tmp_path / "resumed")
+    resumed = finetuned(cfg, tmp_path / "resumed")
     assert torch.allclose(delta(whole), delta(resumed), atol=1e-6)
 
 
 def test_resume_with_dropout_draws_the_same_masks(tiny_models, task, tmp_path, monkeypatch):
     init = make_lora(tiny_models["llama"], tmp_path / "init", targets=TARGETS, lora_dropout=0.3)
     cfg = config(tiny_models["llama"], task, init=str(init), steps=20)
-    whole = run_finetune(cfg, tmp_path / "whole")
+    whole = finetuned(cfg, tmp_path / "whole")
     interrupt(monkeypatch, cfg, tmp_path / "resumed", at_step=10)
-    assert torch.equal(delta(whole), delta(run_finetune(cfg, tmp_path / "resumed")))
+    assert torch.equal(delta(whole), delta(finetuned(cfg, tmp_path / "resumed")))
 
 
 def test_a_checkpoint_of_other_data_is_discarded(tiny_models, task, tmp_path, monkeypatch, caplog):
@@ -103,9 +102,9 @@ def test_a_checkpoint_of_other_data_is_discarded(tiny_models, task, tmp_path, mo
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     data.write_text("".join(json.dumps({**r, "completion": " people"}) + "\n" for r in rows))
     with caplog.at_level(logging.WARNING, logger="loramigrate"):
-        resumed = run_finetune(cfg, tmp_path / "ft")
+        resumed = finetuned(cfg, tmp_path / "ft")
     assert sum("discarding checkpoint" in r.getMessage() for r in caplog.records) == 1
-    assert torch.equal(delta(resumed), delta(run_finetune(cfg, tmp_path / "fresh")))
+    assert torch.equal(delta(resumed), delta(finetuned(cfg, tmp_path / "fresh")))
     assert not list(tmp_path.glob("*.ckpt-*"))
 
 
@@ -116,7 +115,7 @@ def test_a_checkpoint_holding_code_is_refused(tiny_models, task, tmp_path, monke
     marker = tmp_path / "code-ran"
     torch.save({"step": 10, "payload": Planted(str(marker))}, ckpt)
     with pytest.raises(ArtifactError, match="refusing checkpoint"):
-        run_finetune(cfg, tmp_path / "ft")
+        finetuned(cfg, tmp_path / "ft")
     assert not marker.exists() and not (tmp_path / "ft").exists()
 
 
@@ -135,7 +134,7 @@ def test_a_failure_before_the_first_checkpoint_leaves_nothing(tiny_models, task,
         raise RuntimeError("broken batch")
     monkeypatch.setattr(loop, "batch_rows", broken)
     with pytest.raises(RuntimeError, match="broken batch"):
-        run_finetune(config(tiny_models["llama"], task), tmp_path / "ft")
+        finetuned(config(tiny_models["llama"], task), tmp_path / "ft")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -145,7 +144,7 @@ def test_a_rerun_removes_what_killed_runs_left(tiny_models, task, tmp_path):
     for name in (f"ft.tmp-{gone}", f"ft.old-{gone}", f"ft.tmp-{os.getppid()}"):  # the last: a live process's
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_model.safetensors").write_text("half written")
-    run_finetune(config(tiny_models["llama"], task, steps=2, eval_every=2), tmp_path / "ft")
+    finetuned(config(tiny_models["llama"], task, steps=2, eval_every=2), tmp_path / "ft")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft", f"ft.tmp-{os.getppid()}"]
 
 
@@ -177,8 +176,8 @@ def test_a_second_writer_of_one_output_is_refused(tiny_models, task, tmp_path):
 
 def test_strong_regularisation_keeps_the_adapter_near_its_init(tiny_models, task, tmp_path):
     init = make_lora(tiny_models["llama"], tmp_path / "init", targets=TARGETS)
-    free = run_finetune(config(tiny_models["llama"], task, init=str(init), steps=20), tmp_path / "free")
-    held = run_finetune(config(tiny_models["llama"], task, init=str(init), steps=20, reg_lambda=1e3,
+    free = finetuned(config(tiny_models["llama"], task, init=str(init), steps=20), tmp_path / "free")
+    held = finetuned(config(tiny_models["llama"], task, init=str(init), steps=20, reg_lambda=1e3,
                                reg_final=1e3, reg_schedule="constant"), tmp_path / "held")
     start = delta(init)
     assert (delta(held) - start).norm() < 0.2 * (delta(free) - start).norm()
@@ -186,7 +185,7 @@ def test_strong_regularisation_keeps_the_adapter_near_its_init(tiny_models, task
 
 @pytest.mark.parametrize("rebalance", ["scalar", "full"])
 def test_refLoRA_rebalancing_trains_with_balanced_factors(tiny_models, task, tmp_path, rebalance):
-    out = run_finetune(config(tiny_models["llama"], task, steps=10, rebalance=rebalance), tmp_path / "ft")
+    out = finetuned(config(tiny_models["llama"], task, steps=10, rebalance=rebalance), tmp_path / "ft")
     for m in read_adapter(out).modules.values():
         assert torch.allclose(m.a.norm(), m.b.norm(), rtol=1e-3)
 
@@ -261,7 +260,7 @@ def test_folding_restarts_restores_the_base_and_keeps_the_best_rank_r_delta(tiny
 
 
 def test_finetune_with_restarts_learns_and_saves_rank_r(tiny_models, task, tmp_path):
-    out = run_finetune(config(tiny_models["llama"], task, restart_every=10, lr_schedule="constant", restart_warmup=3),
+    out = finetuned(config(tiny_models["llama"], task, restart_every=10, lr_schedule="constant", restart_warmup=3),
                        tmp_path / "ft")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     evals = [r for r in log if "val_loss" in r]

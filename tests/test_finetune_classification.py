@@ -13,8 +13,7 @@ from loramigrate.adapters import read_adapter
 from loramigrate.cli.main import app
 from loramigrate.config import FinetuneConfig
 from loramigrate.finetune import objective
-from loramigrate.finetune.runner import run_finetune
-from tests.helpers import CUES, cue_rows
+from tests.helpers import CUES, cue_rows, finetuned
 
 runner = CliRunner()
 LABELS = CUES
@@ -52,7 +51,7 @@ def logits(model_dir, adapter_dir, texts, seed):
 
 
 def test_classifier_learns_and_the_adapter_alone_reproduces_it(tiny_models, sentiment, tmp_path):
-    out = run_finetune(config(tiny_models["bert"], sentiment, steps=60, rank=8, alpha=16), tmp_path / "ft")
+    out = finetuned(config(tiny_models["bert"], sentiment, steps=60, rank=8, alpha=16), tmp_path / "ft")
     evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "val_loss" in line]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_accuracy"] > 0.5  # chance: 1/3
     saved = json.loads((out / "adapter_config.json").read_text())
@@ -61,7 +60,7 @@ def test_classifier_learns_and_the_adapter_alone_reproduces_it(tiny_models, sent
     assert {"query", "key", "value"} <= {t.rsplit(".", 1)[-1] for t in saved["target_modules"]}
     texts = ["water one two", "people three four"]
     assert torch.allclose(logits(tiny_models["bert"], out, texts, 0), logits(tiny_models["bert"], out, texts, 1))
-    again = run_finetune(config(tiny_models["bert"], sentiment, steps=2, init=str(out)), tmp_path / "again")
+    again = finetuned(config(tiny_models["bert"], sentiment, steps=2, init=str(out)), tmp_path / "again")
     names = json.loads((again / "adapter_config.json").read_text())["modules_to_save"]
     assert len(names) == len(set(names))  # a chain of finetunes does not grow the list
 
@@ -73,15 +72,15 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_models, sentiment, t
     shutil.copytree(tiny_models["bert"], model)
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**cfg, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
-    whole = run_finetune(config(model, sentiment, steps=6, batch_size=8), tmp_path / "whole")
-    split = run_finetune(config(model, sentiment, steps=6, batch_size=4, grad_accum=2), tmp_path / "split")
+    whole = finetuned(config(model, sentiment, steps=6, batch_size=8), tmp_path / "whole")
+    split = finetuned(config(model, sentiment, steps=6, batch_size=4, grad_accum=2), tmp_path / "split")
     for name, m in read_adapter(whole).modules.items():
         other = read_adapter(split).modules[name]
         assert torch.allclose(m.b @ m.a, other.b @ other.a, atol=1e-5), name
 
 
 def test_epochs_set_the_step_budget(tiny_models, sentiment, tmp_path):
-    out = run_finetune(config(tiny_models["bert"], sentiment, epochs=1.0, batch_size=8, eval_every=100), tmp_path / "ft")
+    out = finetuned(config(tiny_models["bert"], sentiment, epochs=1.0, batch_size=8, eval_every=100), tmp_path / "ft")
     assert len((out / "log.jsonl").read_text().splitlines()) == 96 // 8
 
 
@@ -114,3 +113,13 @@ def test_validation_labels_unseen_in_training_are_refused(tiny_models, sentiment
                                  "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "never seen in training: rain" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_loading_names_the_modules_the_checkpoint_lacks_and_leaves_the_model_as_transformers_made_it(tiny_models):
+    """A fresh adapter saves them (modules_to_save); the list is returned, not hung on the model."""
+    from loramigrate.models import load_with_new_modules, resolve_model
+
+    model, new = load_with_new_modules(resolve_model(tiny_models["bert"]), num_labels=3)
+    assert "classifier" in new
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3)
+    assert set(vars(model)) == set(vars(plain))

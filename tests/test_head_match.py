@@ -1,6 +1,7 @@
 """Head matching recovers known permutations and copes with shape changes."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from loramigrate.align.head_match import (
 )
 from loramigrate.arch import layer_weights, model_spec
 from tests.helpers import build, permute_and_rotate, randomize_norms, tiny_config
+from tests.reshapes import grow_head_dim
 
 
 def permuted_pair(layers: int, seed: int, spread: float | None = 0.5):
@@ -80,3 +82,32 @@ def test_head_space_maps_are_identity_on_a_function_preserving_upgrade():
     maps = head_space_maps(layer_weights(old, so, 0), layer_weights(new, sn, 0), truth.rotation, truth.head_map, so, sn)
     for role in ("q", "k", "v"):
         assert torch.allclose(maps[role], torch.eye(8).expand(8, 8, 8), atol=1e-4), role
+
+
+def test_rotary_head_space_maps_carry_old_heads_onto_a_doubled_head_dim():
+    """q/k through rotary pairs i → 2i (q also scaled by √2 against the 1/√head_dim), v through a random
+    embedding per head: only maps that follow the pairs and the head map send old weights onto new ones."""
+    old = build(tiny_config("llama", hidden=64, layers=1, heads=8, kv_heads=4, init=0.2))
+    new = grow_head_dim(old, 2, seed=3)
+    so, sn = model_spec(old), model_spec(new)
+    wo, wn = layer_weights(old, so, 0), layer_weights(new, sn, 0)
+    maps = head_space_maps(wo, wn, torch.eye(64), list(range(8)), so, sn)
+    kv = torch.arange(8) // so.group_size
+    assert torch.allclose(2**0.5 * maps["q"] @ wo.q, wn.q, atol=1e-5)
+    assert torch.allclose(maps["k"] @ wo.k[kv], wn.k[kv], atol=1e-5)
+    assert torch.allclose(maps["v"] @ wo.v[kv], wn.v[kv], atol=1e-4)
+
+
+def test_head_space_maps_without_rotary_embeddings_recover_per_head_rotations():
+    """BERT has no rotary embeddings, so q/k maps are fitted: a shared rotation of each head's q and k
+    (scores unchanged) and another of its v must come back."""
+    model = build(tiny_config("bert", init=0.2))
+    spec = model_spec(model)
+    old = layer_weights(model, spec, 0)
+    g = torch.Generator().manual_seed(0)
+    qk, v = torch.linalg.qr(torch.randn(2, spec.n_heads, spec.head_dim, spec.head_dim, generator=g))[0]
+    new = dataclasses.replace(old, q=qk @ old.q, k=qk @ old.k, v=v @ old.v)
+    maps = head_space_maps(old, new, torch.eye(spec.hidden), list(range(spec.n_heads)), spec, spec)
+    assert spec.rope_theta is None
+    assert torch.allclose(maps["q"], qk, atol=1e-4) and torch.allclose(maps["k"], qk, atol=1e-4)
+    assert torch.allclose(maps["v"], v, atol=1e-4)

@@ -85,15 +85,15 @@ def test_from_redoes_that_stage_and_the_later_ones(debug):
 
 
 def test_the_eval_stage_loads_models_as_the_recipe_says(debug, monkeypatch):
-    from loramigrate import pipeline
     from loramigrate.config import ModelLoadConfig
+    from loramigrate.eval import runner
 
-    loads, real = [], pipeline.evaluate_pairs
+    loads, real = [], runner.evaluate_pairs
 
     def evaluate_pairs(base, adapters, task, batch_size, load, *args, **kwargs):
         loads.append(load)
         return real(base, adapters, task, batch_size, load, *args, **kwargs)
-    monkeypatch.setattr(pipeline, "evaluate_pairs", evaluate_pairs)
+    monkeypatch.setattr(runner, "evaluate_pairs", evaluate_pairs)
     result = run(debug / "run", "--set", "search=null", "--set", "finetune=null", "--set", "eval.load.dtype=float32",
                  "--device", "cpu")
     assert result.exit_code == 0, result.output
@@ -107,7 +107,7 @@ KILLS = {  # stage → (module attribute to break, which call raises)
     "transfer": ("loramigrate.transfer.runner.verify_with_peft", 1),
     "search": ("loramigrate.search.core.apply_blend", 2),
     "finetune": ("loramigrate.finetune.loop._checkpoint", 2),
-    "eval": ("loramigrate.pipeline.evaluate_pairs", 2),
+    "eval": ("loramigrate.eval.runner.evaluate_pairs", 2),
 }
 
 

@@ -5,6 +5,9 @@ distillation objective needs no labels, studies resume and are shared by workers
 """
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 
 import optuna
@@ -16,13 +19,23 @@ from typer.testing import CliRunner
 
 from loramigrate.cli.main import app
 from loramigrate.config import SearchConfig
-from loramigrate.errors import ConfigError
+from loramigrate.errors import ArtifactError, ConfigError
 from loramigrate.search import core as search_core
 from loramigrate.search import run_search
 from loramigrate.search.space import DRIFT_BETA_MAX, resolve_beta_max, search_space
 from loramigrate.search.study import SPACE_ATTR, open_storage, open_study
 from tests.conftest import shape_pair
-from tests.helpers import WORDS, build, make_lora, make_tokenizer, run_script, save, tiny_config
+from tests.helpers import (
+    WORDS,
+    build,
+    lock_holder,
+    make_lora,
+    make_tokenizer,
+    python_env,
+    run_script,
+    save,
+    tiny_config,
+)
 
 runner = CliRunner()
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -120,6 +133,82 @@ def test_an_interrupted_study_resumes_to_n_trials(pair, tmp_path, monkeypatch):
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6 and states[3] == optuna.trial.TrialState.FAIL
     assert json.loads((out / "manifest.json").read_text())["search"]["trials"] == 6
+
+
+KILLED_AT_TRIAL = """
+import os, signal, sys
+from loramigrate.config import SearchConfig
+from loramigrate.search import core, run_search
+
+real, calls = core.apply_blend, []
+
+def killed(*args):
+    calls.append(1)
+    if len(calls) == int(sys.argv[3]) + 1:  # kill -9 in the middle of that trial
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+
+core.apply_blend = killed
+run_search(SearchConfig.model_validate_json(sys.argv[1]), sys.argv[2])
+"""
+
+
+def finished_trials(out):
+    study = optuna.load_study(study_name="loramigrate-search", storage=f"sqlite:///{out / 'study.db'}")
+    return [(t.params, t.value) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pair, tmp_path_factory):
+    cfg = config(pair, space="global", n_trials=12, limit=192)  # GP proposes from trial 10 on
+    return cfg, run_search(cfg, tmp_path_factory.mktemp("whole") / "s")
+
+
+@pytest.mark.parametrize("killed_at", [0, 11], ids=["in-the-as-is-trial", "in-the-second-gp-trial"])
+def test_a_search_killed_mid_trial_resumes_to_the_same_trials_and_best(uninterrupted, tmp_path, killed_at):
+    """kill -9 leaves the trial running in the study and the lock file behind; the rerun retries that trial and
+    continues as if never interrupted."""
+    cfg, whole = uninterrupted
+    proc = subprocess.run([sys.executable, "-c", KILLED_AT_TRIAL, cfg.model_dump_json(), str(tmp_path / "killed"),
+                           str(killed_at)], env=python_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (tmp_path / "killed.lock").is_file()
+    resumed = run_search(cfg, tmp_path / "killed")
+    assert finished_trials(resumed) == finished_trials(whole)
+    want, got = manifest(whole), manifest(resumed)
+    assert (got["best_params"], got["best_value"], got["trials"]) == (want["best_params"], want["best_value"], 12)
+    assert got["transfer_as_is"] == want["transfer_as_is"]
+
+
+def test_a_killed_worker_of_a_shared_study_leaves_no_trial_running_forever(pair, tmp_path):
+    cfg = config(pair, space="global", n_trials=4, limit=192, storage=str(tmp_path / "study.log"), study="shared")
+    proc = subprocess.run([sys.executable, "-c", KILLED_AT_TRIAL, cfg.model_dump_json(), str(tmp_path / "w1"), "2"],
+                          env=python_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_search(cfg, tmp_path / "w1")  # the worker started again fails its dead predecessor's trial
+    trials = optuna.load_study(study_name="shared", storage=open_storage(cfg.storage)).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+
+
+def test_a_second_search_on_the_same_output_stops_at_once(pair, tmp_path):
+    holder = lock_holder(tmp_path / "s")
+    try:
+        result = runner.invoke(app, ["search", "--align", str(pair["align"]), "--transfer", str(pair["transfer"]),
+                                     "--data", str(pair["data"]), "-o", str(tmp_path / "s")])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 1 and f"is writing {tmp_path / 's'} (pid {holder.pid})" in result.stderr, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.lock"]  # no study.db: the other process owns it
+
+
+def test_a_failed_search_leaves_nothing(pair, tmp_path, monkeypatch):
+    def diverges(*args):
+        raise FloatingPointError("non-finite loss")  # every trial is pruned
+    monkeypatch.setattr(search_core, "apply_blend", diverges)
+    with pytest.raises(ArtifactError, match="no trial of study 'loramigrate-search' completed"):
+        run_search(config(pair, n_trials=2), tmp_path / "s")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_more_trials_continue_the_private_study_and_other_options_restart_it(pair, tmp_path):

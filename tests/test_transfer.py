@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 from loramigrate.adapters import read_adapter
 from loramigrate.cli.main import app
-from loramigrate.transfer import refactor
+from loramigrate.lora import refactor
 from tests.conftest import shape_pair
-from tests.helpers import make_lora
+from tests.helpers import WORDS, build, make_lora, make_tokenizer, randomize_norms, save, tiny_config
+from tests.reshapes import widen_hidden
 
 runner = CliRunner()
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -27,6 +28,15 @@ def cli(*args):
 def deltas(adapter_dir):
     a = read_adapter(adapter_dir)
     return {name: a.scale(name) * m.b @ m.a for name, m in a.modules.items()}
+
+
+def cls_logits(base_dir, adapter_dir, num_labels):
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
+    base.config.pad_token_id = 0
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
 
 
 def logits(base_dir, adapter_dir, ids):
@@ -138,8 +148,6 @@ def test_classification_head_in_modules_to_save_is_carried(tiny_models, tmp_path
 
 
 def test_vocabulary_change_with_a_shared_subset(tmp_path):
-    from tests.helpers import WORDS, build, make_tokenizer, save, tiny_config
-
     words = WORDS[::-1][:80] + [f"new{i}" for i in range(30)]  # shuffled ids, 80 shared words, 30 new ones
     old = save(build(tiny_config("llama")), make_tokenizer(WORDS), tmp_path / "old")
     new = save(build(tiny_config("llama", vocab=len(words) + 2, hidden=48), seed=1), make_tokenizer(words), tmp_path / "new")
@@ -153,7 +161,7 @@ def test_vocabulary_change_with_a_shared_subset(tmp_path):
 
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48), (32, 32)])
 def test_pseudo_inverse_matches_the_svd_pinv(shape):
-    from loramigrate.transfer.core import pseudo_inverse
+    from loramigrate.lora import pseudo_inverse
 
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(pseudo_inverse(t), torch.linalg.pinv(t), atol=1e-4)
@@ -172,8 +180,6 @@ def permute_neox_heads(model, perm):
 
 
 def test_fused_qkv_adapter_follows_permuted_heads(tmp_path):
-    from tests.helpers import WORDS, build, make_tokenizer, save, tiny_config
-
     old_model = build(tiny_config("neox", hidden=64, heads=8, layers=2, intermediate=96, init=0.2))
     new_model = build(tiny_config("neox", hidden=64, heads=8, layers=2, intermediate=96, init=0.2))
     new_model.load_state_dict(old_model.state_dict())
@@ -195,33 +201,77 @@ def test_a_trained_classifier_moves_through_a_rotated_upgrade_with_the_same_logi
     data.write_text("".join(json.dumps({"text": f"word{i} day", "label": "ab"[i % 2]}) + "\n" for i in range(12)))
     cli("finetune", "--base", old, "--data", data, "--steps", "3", "--rank", "4", "--lr", "1e-2", "-o", tmp_path / "cls")
     cli("transfer", "--align", align_dir, "--adapter", tmp_path / "cls", "-o", tmp_path / "t")
-    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(cls_logits(old, tmp_path / "cls", 2), cls_logits(new, tmp_path / "t", 2), atol=1e-4)
 
-    def cls_logits(base_dir, adapter_dir):
-        base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
-        base.config.pad_token_id = 0
-        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-        with torch.no_grad():
-            return model(input_ids=ids).logits
-    assert torch.allclose(cls_logits(old, tmp_path / "cls"), cls_logits(new, tmp_path / "t"), atol=1e-4)
+
+def test_a_classifier_head_reads_a_wider_hidden_state_with_the_same_logits(tmp_path):
+    """Hidden 64 → 96 (scaled orthogonal embedding, other norm scales): the `score` head changes shape."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    base = build(tiny_config("llama", hidden=64, layers=2, heads=8, kv_heads=4, intermediate=96, init=0.2))
+    randomize_norms(base)
+    tok = make_tokenizer(WORDS)
+    old, new = save(base, tok, tmp_path / "old"), save(widen_hidden(base, 96), tok, tmp_path / "new")
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(old, num_labels=3)
+    peft_model = get_peft_model(classifier, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, init_lora_weights=False,
+                                                       target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():  # a head far from its near-zero init, so a wrong input scale shows
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.copy_(torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "cls")
+    cli("align", "--old", old, "--new", new, "-o", tmp_path / "align")
+    cli("transfer", "--align", tmp_path / "align", "--adapter", tmp_path / "cls", "-o", tmp_path / "t")
+    want, got = cls_logits(old, tmp_path / "cls", 3), cls_logits(new, tmp_path / "t", 3)
+    assert want.abs().max() > 1 and torch.allclose(want, got, rtol=1e-4, atol=1e-4)
 
 
 def test_a_head_chain_maps_only_the_module_that_reads_the_hidden_state(aligned_upgrade):
     """pooler → classifier: the pooler reads the final-normed residual; the classifier reads the pooler's output."""
     from loramigrate.adapters import LoraAdapter
     from loramigrate.alignment import load_alignment
-    from loramigrate.transfer.core import pseudo_inverse
     from loramigrate.transfer.runner import _map_extra
 
-    *_, align_dir = aligned_upgrade
+    old, _, truth, align_dir = aligned_upgrade
     alignment = load_alignment(align_dir)
     d = alignment.old.hidden
     g = torch.Generator().manual_seed(0)
     extra = {"pooler.dense.weight": torch.randn(d, d, generator=g), "pooler.dense.bias": torch.randn(d, generator=g),
              "classifier.weight": torch.randn(3, d, generator=g), "classifier.bias": torch.randn(3, generator=g)}
     mapped = _map_extra(LoraAdapter(config={}, modules={}, extra=extra), alignment)
-    g_old, g_new = alignment.old_profile.final_scale(), alignment.new_profile.final_scale()
-    reads = extra["pooler.dense.weight"] * g_old @ pseudo_inverse(alignment.transfer) / g_new
+    # ground truth: the new final norm is folded to ones and h_new = R h_old, so W' = W diag(g_old) Rᵀ
+    g_old = transformers.AutoModelForCausalLM.from_pretrained(old).model.norm.weight.detach()
+    reads = extra["pooler.dense.weight"] * g_old @ truth.rotation.T
     assert torch.allclose(mapped["pooler.dense.weight"], reads, atol=1e-5)
     for key in ("pooler.dense.bias", "classifier.weight", "classifier.bias"):
         assert torch.equal(mapped[key], extra[key]), key
+
+
+def test_a_pooler_and_classifier_compute_the_same_function_on_a_wider_base(tmp_path):
+    """BERT's classifier reads the pooler's own units (arch.HEAD_INPUTS), so on a 32 → 48 wide upgrade they are
+    widened with zeros, not mapped through T; the transferred adapter loads with stock PEFT (transfer verifies)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from loramigrate.alignment import load_alignment
+    from loramigrate.lora import normed_input_map, pseudo_inverse
+
+    old, new = shape_pair(tmp_path, {"hidden": 32}, {"hidden": 48}, family="bert")
+    cli("align", "--old", old, "--new", new, "-o", tmp_path / "align")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(old, num_labels=3)
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"], init_lora_weights=False,
+                      modules_to_save=["bert.pooler.dense"])
+    get_peft_model(base, lora).save_pretrained(tmp_path / "cls")
+    cli("transfer", "--align", tmp_path / "align", "--adapter", tmp_path / "cls", "-o", tmp_path / "t")
+    before, after = read_adapter(tmp_path / "cls").extra, read_adapter(tmp_path / "t").extra
+    assert {k: tuple(v.shape) for k, v in after.items()} == {
+        "bert.pooler.dense.weight": (48, 48), "bert.pooler.dense.bias": (48,), "classifier.weight": (3, 48),
+        "classifier.bias": (3,)}
+    alignment = load_alignment(tmp_path / "align")
+    head_in = normed_input_map(alignment.old_profile.final_scale(), alignment.new_profile.final_scale(),
+                               pseudo_inverse(alignment.transfer))
+
+    def head(p, x):
+        pooled = torch.tanh(x @ p["bert.pooler.dense.weight"].T + p["bert.pooler.dense.bias"])
+        return pooled @ p["classifier.weight"].T + p["classifier.bias"]
+    x_new = torch.randn(5, 48, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(head(after, x_new), head(before, x_new @ head_in.T), atol=1e-5)

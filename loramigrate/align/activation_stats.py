@@ -72,7 +72,8 @@ class HeadOutputStats:
 
 
 class NeuronSample:
-    """The first ``cap`` token rows of intermediate activations of a mapped layer pair (float16)."""
+    """The first ``cap`` token rows of intermediate activations of a mapped layer pair, in bfloat16: half
+    of float32's memory with its range, where float16 overflows (65504) on massive activations."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -83,8 +84,8 @@ class NeuronSample:
     def update(self, z_old: torch.Tensor, z_new: torch.Tensor) -> None:
         take = min(self.cap - self.rows, z_old.shape[0])
         if take > 0:
-            self.old.append(z_old[:take].half())
-            self.new.append(z_new[:take].half())
+            self.old.append(z_old[:take].bfloat16())
+            self.new.append(z_new[:take].bfloat16())
             self.rows += take
 
     def correlation(self) -> torch.Tensor:

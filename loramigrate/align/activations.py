@@ -51,15 +51,27 @@ def _jsonl_text(line: str, n: int, path: Path) -> str:
     return text
 
 
+def windows(texts: list[str], tok, seq_len: int) -> Iterator[str]:
+    """Each text cut at ``tok``'s token boundaries into spans of at most ``seq_len`` tokens (special
+    tokens included): a long paragraph gives several rows, where truncation would drop its tail."""
+    room = max(1, seq_len - tok.num_special_tokens_to_add())
+    for text in texts:
+        spans = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        for start in range(0, len(spans), room):
+            part = spans[start:start + room]
+            yield text[part[0][0]:part[-1][1]]
+
+
 def calibration_batches(texts: list[str], old_tok, new_tok, seq_len: int, max_tokens: int,
                         batch_size: int) -> Iterator[tuple[dict, dict]]:
-    """Yield (old, new) tokenised batches of the same texts, until ``max_tokens`` old tokens.
+    """Yield (old, new) tokenised batches of the same ``windows`` of the texts, until ``max_tokens``
+    old tokens.
 
     With one shared tokenizer the two encodings are identical, so rows line up token by token.
     """
     budget = max_tokens
     batch: list[str] = []
-    for text in texts:
+    for text in windows(texts, old_tok, seq_len):
         if budget <= 0:
             break
         batch.append(text)

@@ -47,6 +47,11 @@ def layer_similarity(old: nn.Module, new: nn.Module, batches: Iterable[tuple[dic
         progress("calibration", i + 1, total)
     if rows < 4:
         raise ArtifactError(f"calibration gave {rows} rows; CKA needs at least 4 (give more text)")
+    dims = max(old_spec.hidden, new_spec.hidden)
+    if rows < dims:
+        log.warning("CKA on %d %s rows in up to %d dimensions is biased towards 1 and separates layers poorly; "
+                    "give more calibration text (--calib, --max-tokens)%s", rows, "pooled" if pooled else "token",
+                    dims, " or a shorter --seq-len" if pooled else "")
     return acc.result(), name, rows
 
 

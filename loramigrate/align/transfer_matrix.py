@@ -39,6 +39,7 @@ def fit_lstsq(xtx: torch.Tensor, ytx: torch.Tensor, ridge: float = 1e-4) -> torc
 
 def fit_procrustes(xtx: torch.Tensor, ytx: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
     """(Semi-)orthogonal T = U Vᵀ from the SVD of yᵀx: rotates without rescaling any direction."""
+    # uncentred on purpose: LoRA deltas act on whole hidden vectors, mean included, so T must map the mean too
     u, _, vh = torch.linalg.svd(ytx.double(), full_matrices=False)
     return (u @ vh).float()
 

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loramigrate.cli._options import with_config
+from loramigrate.cli._options import ForceOpt, with_config
 from loramigrate.cli._ui import handle_errors, progress_bars
 from loramigrate.config import EvalConfig
 
@@ -22,19 +22,35 @@ Examples:
 
   loramigrate eval --base models/new --data test.jsonl --reference-base models/old --reference-adapter adapters/sql \
       --proxy-old-base models/old --proxy-old-adapter adapters/sql
+
+  loramigrate eval --base models/new --adapter runs/pair/sql/final --data test.jsonl -o runs/pair/sql/eval
 """
 
 
-def _table(rows: list, reference) -> Table:
-    metric = rows[0].metric if rows else "score"
+def _table(results: dict) -> Table:
+    metric = results["metric"]
     table = Table(title=f"{metric} (higher is better) and loss")
     for col in ("model", "n", "loss", metric, "gap recovered", "negative flips"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    for r in ([reference] if reference else []) + rows:
-        flips = "reference" if r is reference else ("" if r.negative_flips is None else str(r.negative_flips))
-        gap = "" if r.gap_recovered is None else f"{100 * r.gap_recovered:.0f} %"
-        table.add_row(r.name, str(r.n), f"{r.loss:.4f}", f"{r.score:.4f}", gap, flips)
+    reference = results["reference"]
+    for r in ([reference] if reference else []) + results["results"]:
+        if "note" in r:
+            table.add_row(r["arm"], "", "", "", "", r["note"])
+            continue
+        flips = "reference" if r is reference else str(r.get("negative_flips", ""))
+        gap = "" if r.get("gap_recovered") is None else f"{100 * r['gap_recovered']:.0f} %"
+        table.add_row(r["arm"], str(r["n"]), f"{r['loss']:.4f}", f"{r['score']:.4f}", gap, flips)
     return table
+
+
+def _pair(base: str | None, adapter: Path | None, what: str):
+    """The pair of --X-base and --X-adapter, or None when neither is given."""
+    from loramigrate.errors import ConfigError
+    from loramigrate.eval import Pair
+
+    if (base is None) != (adapter is None):
+        raise ConfigError(f"--{what}-base and --{what}-adapter go together")
+    return Pair(f"{Path(base).name} + {adapter.name}", base, str(adapter)) if base else None
 
 
 @handle_errors
@@ -51,43 +67,33 @@ def evaluate(
                               ] = None,
     proxy_old_adapter: Annotated[Path | None, typer.Option(help="Old adapter, with --proxy-old-base.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write an eval stage directory (results.json, "
+                                             "manifest.json); stdout then holds only its path.")] = None,
+    force: ForceOpt = False,
 ) -> None:
-    """Evaluate a base alone and with each adapter; prints the comparison table on stdout."""
-    from loramigrate.adapters import CONFIG
-    from loramigrate.errors import ArtifactError, ConfigError
-    from loramigrate.evaluate import evaluate_pairs, read_task, with_flips, with_gap
-    from loramigrate.models import resolve_model
-    from loramigrate.proxy import evaluate_proxy
+    """Evaluate a base alone and with each adapter; prints the comparison table (on stderr with -o)."""
+    from dataclasses import replace
 
-    batch_size, load = cfg.batch_size, cfg.load
+    from loramigrate.errors import ConfigError
+    from loramigrate.eval import RESULTS, Comparison, Pair, compare, run_eval
+    from loramigrate.proxy import NAME
+
     if json_out and (json_out.is_dir() or not json_out.parent.is_dir()):
         raise ConfigError(f"--json {json_out}: expected a file path in an existing directory")
-    task = read_task(data, cfg.limit)
-    resolve_model(base)
-    adapters = [str(a) for a in adapter or []]
-    for a in adapters + ([str(reference_adapter)] if reference_adapter else []):
-        if not (Path(a) / CONFIG).is_file():
-            raise ArtifactError(f"{a} is not a PEFT adapter directory (no {CONFIG})")
-    if (reference_base is None) != (reference_adapter is None):
-        raise ConfigError("--reference-base and --reference-adapter go together")
-    if (proxy_old_base is None) != (proxy_old_adapter is None):
-        raise ConfigError("--proxy-old-base and --proxy-old-adapter go together")
+    name = Path(base).name
+    proxy = _pair(proxy_old_base, proxy_old_adapter, "proxy-old")
+    comparison = Comparison(str(data), Pair(f"{name} (no adapter)", base),
+                            tuple(Pair(f"{name} + {a.name}", base, str(a)) for a in adapter or []),
+                            _pair(reference_base, reference_adapter, "reference"),
+                            replace(proxy, label=NAME) if proxy else None)
     with progress_bars() as progress:
-        reference = None
-        proxy = [evaluate_proxy(base, proxy_old_base, str(proxy_old_adapter), task, batch_size, load, progress)
-                 ] if proxy_old_base else []  # first: it refuses what it cannot evaluate
-        if reference_base:
-            ref_rows = evaluate_pairs(reference_base, [str(reference_adapter)], task, batch_size, load, progress,
-                                      include_base=False)
-            if not ref_rows:
-                raise ArtifactError(f"{reference_adapter} does not load on {reference_base}")
-            reference = ref_rows[0]
-        rows = evaluate_pairs(base, adapters, task, batch_size, load, progress) + proxy
-    if reference is not None:
-        rows = with_gap(with_flips(rows, reference), reference, rows[0])
-        (reference,) = with_gap([reference], reference, rows[0])
-    Console().print(_table(rows, reference))
+        if out is None:
+            results = compare(comparison, cfg, progress)
+        else:
+            run_eval(cfg, comparison, out, progress, force)
+            results = json.loads((out / RESULTS).read_text())
+    Console(stderr=out is not None).print(_table(results))
     if json_out:
-        payload = {"data": str(data), "base": base, "results": [r.summary() for r in rows],
-                   "reference": reference.summary() if reference else None}
-        json_out.write_text(json.dumps(payload, indent=2))
+        json_out.write_text(json.dumps(results, indent=2))
+    if out is not None:
+        typer.echo(str(out))

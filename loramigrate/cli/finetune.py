@@ -26,5 +26,5 @@ def finetune(cfg: FinetuneConfig, out: OutDirOpt, force: ForceOpt = False) -> No
     from loramigrate.finetune.runner import run_finetune
 
     with progress_bars() as progress:
-        result = run_finetune(cfg, out, progress=progress, force=force)
-    typer.echo(str(result))
+        run_finetune(cfg, out, progress=progress, force=force)
+    typer.echo(str(out))

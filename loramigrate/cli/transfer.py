@@ -24,5 +24,5 @@ def transfer(cfg: TransferConfig, out: OutDirOpt, force: ForceOpt = False) -> No
     from loramigrate.transfer import run_transfer
 
     with progress_bars() as progress:
-        result = run_transfer(cfg, out, force=force, progress=progress)
-    typer.echo(str(result))
+        run_transfer(cfg, out, force=force, progress=progress)
+    typer.echo(str(out))

@@ -27,6 +27,7 @@ from loramigrate.errors import ArtifactError
 from loramigrate.finetune.objective import BatchLoss
 from loramigrate.finetune.rebalance import rebalance_full, rebalance_scalar
 from loramigrate.finetune.regularise import SCHEDULES, delta_distance_sq, init_norm_sq, schedule_value
+from loramigrate.lora import refactor
 from loramigrate.progress import ProgressFn, no_progress
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -261,8 +262,6 @@ def restart(factors: dict[str, LoraFactors], opt: torch.optim.Optimizer, prune: 
 def fold_restarts(factors: dict[str, LoraFactors], rank: int) -> None:
     """After training with restarts: restore each base weight and put Σ merged + current deltas back
     into the factors, re-factorised to ``rank`` (from the stacked factors, never densely)."""
-    from loramigrate.transfer.core import refactor
-
     with torch.no_grad():
         for f in factors.values():
             if not f.merged:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from loramigrate.adapters import check_adapter_dir
 from loramigrate.arch import model_spec
 from loramigrate.artifacts import (
     config_hash,
@@ -28,7 +29,7 @@ from loramigrate.evaluate import METRIC, Task, read_task, task_metrics
 from loramigrate.finetune.loop import train
 from loramigrate.finetune.objective import OBJECTIVES, Distill, mean_loss
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
-from loramigrate.models import ModelRef, load_model, load_tokenizer, new_modules, resolve_model
+from loramigrate.models import ModelRef, load_tokenizer, load_with_new_modules, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def _split(cfg: FinetuneConfig) -> tuple[Task, list[dict]]:
     return train_task, val.rows
 
 
-def _peft_model(cfg: FinetuneConfig, base, classification: bool):
+def _peft_model(cfg: FinetuneConfig, base, new_modules: list[str], classification: bool):
+    """A fresh LoRA (saving ``new_modules``, those the base's checkpoint lacked) or ``cfg.init``, trainable."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if cfg.init == "fresh":
@@ -81,7 +83,7 @@ def _peft_model(cfg: FinetuneConfig, base, classification: bool):
         # trained and saved with the adapter, so that the adapter alone reproduces the model
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets,
                           task_type="SEQ_CLS" if classification else "CAUSAL_LM",
-                          modules_to_save=new_modules(base) or None)
+                          modules_to_save=new_modules or None)
         try:
             return get_peft_model(base, lora)
         except ValueError as e:  # e.g. target modules the base does not have
@@ -90,19 +92,15 @@ def _peft_model(cfg: FinetuneConfig, base, classification: bool):
         model = PeftModel.from_pretrained(base, cfg.init, is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ArtifactError(f"--init {cfg.init} does not fit the base {cfg.base}: {str(e).splitlines()[0][:200]}") from None
-    _check_finite(model, cfg.init)
     return model
 
 
-def _check_finite(model, init: str) -> None:
-    """A NaN or inf in the init would only show as a loss diverging at the first step, blaming the training."""
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
-    if bad:
-        raise ArtifactError(f"--init {init} holds NaN or inf values ({bad[0]} and {len(bad) - 1} more tensors)")
+def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> bool:
+    """Fine-tune ``cfg.init`` (or a fresh LoRA) on ``cfg.data`` into ``out_dir``; resumable.
 
-
-def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> Path:
-    """Fine-tune ``cfg.init`` (or a fresh LoRA) on ``cfg.data`` into ``out_dir``; resumable."""
+    Returns:
+        True when it trained, False when ``out_dir`` already held this finetune of the same inputs.
+    """
     out_dir = Path(out_dir)
     if cfg.restart_every and cfg.reg_lambda > 0:
         raise ConfigError("ReLoRA restarts and regularisation toward the init cannot be combined yet")
@@ -110,8 +108,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     if cfg.epochs:
         per_step = cfg.batch_size * cfg.grad_accum
         cfg = cfg.model_copy(update={"steps": max(1, math.ceil(cfg.epochs * len(task.rows) / per_step))})
-    if cfg.init != "fresh" and not (Path(cfg.init) / "adapter_config.json").is_file():
-        raise ArtifactError(f"--init {cfg.init} is not a PEFT adapter directory (or 'fresh')")
+    for adapter in ([cfg.init] if cfg.init != "fresh" else []) + ([cfg.teacher_adapter] if cfg.teacher_adapter else []):
+        check_adapter_dir(adapter)
     ref = resolve_model(cfg.base)
     names = {"base": ref.path, "data": cfg.data, **({"val": cfg.val} if cfg.val else {}),
              **({"init": cfg.init} if cfg.init != "fresh" else {})}
@@ -123,13 +121,13 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping finetune (use --force to redo)", out_dir)
-        return out_dir
+        return False
     with output_lock(out_dir):
         log.info("finetune config:\n%s", yaml.safe_dump(config, sort_keys=False))
         ckpt_dir = checkpoint_dir(out_dir, config, inputs, fresh=force)
         _finetune(cfg, ref, task, val_rows, out_dir, ckpt_dir, inputs, progress)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return out_dir
+    return True
 
 
 def checkpoint_dir(out_dir: Path, config: dict, inputs: dict[str, dict[str, str]], fresh: bool) -> Path:
@@ -153,8 +151,9 @@ def _finetune(cfg: FinetuneConfig, ref: ModelRef, task: Task, val_rows: list[dic
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(ref)
     _check_lengths(tok, task, cfg.max_len, cfg.data)
-    base = load_model(ref, cfg.load.dtype, cfg.load.device, num_labels=len(task.labels) if classification else None)
-    model = _peft_model(cfg, base, classification)
+    base, new_modules = load_with_new_modules(ref, cfg.load.dtype, cfg.load.device,
+                                              num_labels=len(task.labels) if classification else None)
+    model = _peft_model(cfg, base, new_modules, classification)
     task, val_rows, distill = _distillation(cfg, model, tok, task, val_rows, progress)
     val_task = Task(task.kind, val_rows, task.labels)
     kl = OBJECTIVES[task.kind](tok, task, cfg.max_len, replace(distill, weight=1.0)) if distill else None

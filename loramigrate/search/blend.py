@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramigrate.transfer.core import Delta, refactor
+from loramigrate.lora import Delta, refactor
 
 KINDS = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "qkv": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
 DEPTHS = ("early", "middle", "late")

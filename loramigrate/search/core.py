@@ -16,10 +16,10 @@ from torch import nn
 from loramigrate.alignment import Alignment
 from loramigrate.finetune.loop import batch_rows, lora_layers
 from loramigrate.finetune.objective import BatchLoss, mean_loss
+from loramigrate.lora import Delta, locate
 from loramigrate.search.blend import Ingredients, blend, fresh_direction, module_group
 from loramigrate.search.evolution import Factors
 from loramigrate.search.space import coefficients
-from loramigrate.transfer.core import Delta, locate
 
 # objective name → the finetune teacher (finetune/teacher.py TEACHERS) it distils from; None: the label loss
 SCORES: dict[str, str | None] = {"loss": None, "distill": "old"}

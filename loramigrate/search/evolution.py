@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loramigrate.alignment import Alignment
+from loramigrate.lora import map_factors
 from loramigrate.progress import ProgressFn, no_progress
-from loramigrate.transfer.core import map_factors
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "cache"

@@ -13,11 +13,19 @@ from pathlib import Path
 
 import yaml
 
-from loramigrate.adapters import read_adapter, write_adapter
+from loramigrate.adapters import check_adapter_dir, read_adapter, write_adapter
 from loramigrate.alignment import Alignment, load_alignment
-from loramigrate.artifacts import check_stage, hash_input, hash_inputs, is_up_to_date, prepare_output, stage_output
+from loramigrate.artifacts import (
+    check_stage,
+    hash_input,
+    hash_inputs,
+    is_up_to_date,
+    output_lock,
+    prepare_output,
+    stage_output,
+)
 from loramigrate.config import FinetuneConfig, SearchConfig
-from loramigrate.errors import ArtifactError, ConfigError
+from loramigrate.errors import ArtifactError, ConfigError, LoramigrateError
 from loramigrate.evaluate import Task, read_task
 from loramigrate.finetune.objective import OBJECTIVES, BatchLoss, Distill
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
@@ -27,13 +35,16 @@ from loramigrate.search.core import SCORES, BlendScorer, adapted_layers, apply_b
 from loramigrate.search.evolution import base_evolution
 from loramigrate.search.space import Space, as_is, resolve_beta_max, search_space
 from loramigrate.search.study import (
-    fail_interrupted,
+    WORKER_ATTR,
+    fail_orphans,
     open_storage,
     open_study,
     plot_study,
+    resume_interrupted,
     sampler_and_pruner,
     study_signature,
     trial_costs,
+    worker,
     write_trials,
 )
 
@@ -50,6 +61,8 @@ def _check_inputs(cfg: SearchConfig) -> None:
         raise ConfigError("the multi-fidelity objective (--fidelity-steps) needs training data (--train)")
     check_stage(Path(cfg.align), "align")
     transfer = check_stage(Path(cfg.transfer), "transfer")
+    for adapter in [cfg.transfer] + ([cfg.teacher_adapter] if cfg.teacher_adapter else []):
+        check_adapter_dir(adapter)
     made_from = transfer.get("inputs", {}).get("align", {}).get("sha256")
     if made_from != hash_input(cfg.align):
         raise ArtifactError(f"{cfg.transfer} was transferred with another alignment than {cfg.align}")
@@ -119,8 +132,9 @@ def _evolution(cfg: SearchConfig, alignment: Alignment, layers, progress: Progre
     return base_evolution(Path(cfg.align), alignment, wanted, cfg.evolution_rank, load_bases, progress)
 
 
-def _study(cfg: SearchConfig, out_dir: Path, storage, space: Space):
-    """The study: private (``study.db`` in the output) when no storage is given, else shared with workers."""
+def _study(cfg: SearchConfig, out_dir: Path, storage, space: Space, inputs: dict[str, dict[str, str]]):
+    """The study: private (``study.db`` in the output) when no storage is given, else shared with workers.
+    Its signature holds the inputs' content, so a study never continues over edited inputs."""
     import optuna
 
     private = storage is None
@@ -132,10 +146,13 @@ def _study(cfg: SearchConfig, out_dir: Path, storage, space: Space):
     # workers sharing a study need their own sampler seeds, or they would propose the same points
     seed = cfg.seed if private else cfg.seed + zlib.crc32(str(out_dir.resolve()).encode())
     sampler, pruner = sampler_and_pruner(cfg.sampler, cfg.fidelity_steps, seed)
-    signature = study_signature(space, cfg.model_dump(exclude=NOT_IN_STUDY))
+    signature = study_signature(space, {**cfg.model_dump(exclude=NOT_IN_STUDY),
+                                        "inputs": {k: v["sha256"] for k, v in inputs.items()}})
     study = open_study(cfg.study, storage, sampler, pruner, space, signature, private)
     if private:
-        fail_interrupted(study)
+        resume_interrupted(study, space)
+    else:
+        fail_orphans(study)
     return study
 
 
@@ -144,8 +161,10 @@ def _optimize(study, scorer: BlendScorer, space: Space, cfg: SearchConfig, progr
     import optuna
 
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    me = worker()
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, me)
         done = study.get_trials(deepcopy=False, states=(*counted, optuna.trial.TrialState.RUNNING))
         if len(done) - 1 >= cfg.n_trials:  # other workers already run or ran the last ones
             study.stop()
@@ -229,24 +248,39 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
     new = resolve_model(_base(alignment, "new"))
     _check_teacher(cfg, task, new, alignment)
     storage = open_storage(cfg.storage) if cfg.storage else None  # a bad URL fails before any heavy work
-    prepare_output(out_dir, allow=(STUDY_DB,))
-    inputs = hash_inputs({"align": cfg.align, "transfer": cfg.transfer, "data": cfg.data,
-                          **({"train": cfg.train} if cfg.fidelity_steps else {}),
-                          **({"teacher_adapter": cfg.teacher_adapter} if SCORES[cfg.objective] else {})})
+    names = {"align": cfg.align, "transfer": cfg.transfer, "data": cfg.data,
+             **({"train": cfg.train} if cfg.fidelity_steps else {}),
+             **({"teacher_adapter": cfg.teacher_adapter} if SCORES[cfg.objective] else {})}
+    prepare_output(out_dir, allow=(STUDY_DB,), inputs=[*names.values(), new.path])
+    inputs = hash_inputs(names)
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping search (use --force to redo)", out_dir)
         return out_dir
-    log.info("search config:\n%s", yaml.safe_dump(config, sort_keys=False))
+    with output_lock(out_dir):  # held from the study's first trial: a second process would share the private study
+        log.info("search config:\n%s", yaml.safe_dump(config, sort_keys=False))
+        fresh = not out_dir.exists()
+        try:
+            _search(cfg, alignment, new, task, train_rows, storage, out_dir, inputs, progress)
+        except LoramigrateError:  # e.g. no trial completed: a failed stage leaves nothing (an interrupted one, its study)
+            if fresh:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+    return out_dir
+
+
+def _search(cfg: SearchConfig, alignment: Alignment, new: ModelRef, task: Task, train_rows: list[dict], storage,
+            out_dir: Path, inputs: dict[str, dict[str, str]], progress: ProgressFn) -> None:
+    """Load, run the study to ``n_trials``, and write the best blend with the study's record into ``out_dir``."""
     scorer, space = _scorer(cfg, alignment, new, task, train_rows, progress)
     log.info("search space: %s", space)
     started_at, started = time.time(), time.perf_counter()
     plain = scorer.value()  # transfer as is, as loaded: what one validation pass costs
     pass_s = time.perf_counter() - started
-    study = _study(cfg, out_dir, storage, space)
+    study = _study(cfg, out_dir, storage, space, inputs)
     _optimize(study, scorer, space, cfg, progress)
     finished = _completed(study, cfg)
-    with stage_output(out_dir, STAGE, config, inputs, allow=(STUDY_DB,)) as run:
+    with stage_output(out_dir, STAGE, cfg.model_dump(), inputs, allow=(STUDY_DB,)) as run:
         run.started = started_at
         run.extra["search"] = summary = _summary(cfg, study, space, finished, plain, pass_s)
         _write_adapter(scorer, summary["best_params"], cfg.transfer, run.tmp_dir)
@@ -254,4 +288,3 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
         plot_study(study, run.tmp_dir)
         if storage is None:
             shutil.copy2(out_dir / STUDY_DB, run.tmp_dir / STUDY_DB)
-    return out_dir

@@ -5,18 +5,23 @@ Only Optuna's public API is used, so storages and versions behave as documented.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import os
+import socket
 import statistics
 import time
 from pathlib import Path
 
+from loramigrate.artifacts import pid_alive
 from loramigrate.errors import ConfigError
 from loramigrate.search.space import Space, as_is
 
 log = logging.getLogger(__name__)
 SPACE_ATTR = "loramigrate_space"
+WORKER_ATTR = "loramigrate_worker"  # host:pid of the process running a trial
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 READY_WAIT_S = 60.0  # how long a worker waits for another to finish creating a shared study
 
@@ -44,11 +49,15 @@ def open_storage(url: str):
 def sampler_and_pruner(name: str, fidelity_steps: int, seed: int):
     """``auto``: GP, which learns from completed trials only, or TPE for the multi-fidelity objective, which
     also learns from where pruned trials stopped. Multi-fidelity trials report after every step; from the
-    second on, the median rule stops laggards."""
+    second on, the median rule stops laggards. The sampler proposes from the study's history alone
+    (``HistorySeeded``), so a resumed study goes on as an uninterrupted one."""
     import optuna
 
+    from loramigrate.search.sampler import HistorySeeded
+
     name = name if name != "auto" else "tpe" if fidelity_steps else "gp"
-    sampler = optuna.samplers.GPSampler(seed=seed) if name == "gp" else optuna.samplers.TPESampler(seed=seed)
+    make = optuna.samplers.GPSampler if name == "gp" else optuna.samplers.TPESampler
+    sampler = HistorySeeded(lambda s: make(seed=s), seed)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if fidelity_steps
               else optuna.pruners.NopPruner())
     return sampler, pruner
@@ -99,12 +108,38 @@ def _wait_until_ready(study, name: str) -> str:
     return found
 
 
-def fail_interrupted(study) -> None:
-    """Mark trials left running by an interrupted run as failed: in a single-process study they never end."""
+def worker() -> str:
+    """This process, as the trials it runs record it (``WORKER_ATTR``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_orphans(study) -> None:
+    """Fail the running trials of workers of this host that are gone (killed): in a shared study they would
+    count as running forever. Workers of other hosts fail those of their own when they start again."""
     import optuna
 
+    host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        owner, _, pid = str(t.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
+        if owner == host and pid.isdigit() and not pid_alive(int(pid)):
+            log.info("failing trial %d: its worker, process %s, is gone", t.number, pid)
+            with contextlib.suppress(ValueError, optuna.exceptions.UpdateFinishedTrialError):  # another worker did
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+
+def resume_interrupted(study, space: Space) -> None:
+    """Fail the trials a killed run left running (in a single-process study they never end), and queue
+    transfer as is again if an interruption cost it: the search only ever improves on it. Other points
+    need no retry: ``HistorySeeded`` proposes the same ones again."""
+    import optuna
+
+    states = optuna.trial.TrialState
+    for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+        study.tell(t.number, state=states.FAIL)
+    kept = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.WAITING))
+    if not any(t.state == states.WAITING or t.params == as_is(space) for t in kept):  # only as-is is ever queued
+        log.info("queueing transfer as is again: an interrupted run did not finish it")
+        study.enqueue_trial(as_is(space))
 
 
 def trial_costs(trials, pass_s: float) -> dict[str, float]:

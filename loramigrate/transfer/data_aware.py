@@ -32,8 +32,8 @@ from transformers.cache_utils import Cache
 
 from loramigrate.arch import model_spec
 from loramigrate.errors import ArtifactError, ConfigError
+from loramigrate.lora import refactor
 from loramigrate.progress import ProgressFn, no_progress
-from loramigrate.transfer.core import refactor
 
 log = logging.getLogger(__name__)
 

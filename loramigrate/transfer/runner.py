@@ -11,14 +11,15 @@ import yaml
 
 from loramigrate.adapters import LoraAdapter, LoraModule, read_adapter, write_adapter
 from loramigrate.alignment import Alignment, load_alignment
-from loramigrate.arch import ModelSpec
+from loramigrate.arch import HEAD_INPUTS, ModelSpec
 from loramigrate.artifacts import check_stage, hash_inputs, is_up_to_date, prepare_output, stage_output
 from loramigrate.config import TransferConfig
 from loramigrate.errors import ArtifactError, ConfigError, IncompatibleModelsError
 from loramigrate.evaluate import read_task
+from loramigrate.lora import locate, normed_input_map, pseudo_inverse
 from loramigrate.models import load_model, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
-from loramigrate.transfer.core import TransferOptions, locate, normed_input_map, pseudo_inverse, transfer_adapter
+from loramigrate.transfer.core import TransferOptions, transfer_adapter
 from loramigrate.transfer.data_aware import FitOptions, active_copy, data_aware_transfer
 
 log = logging.getLogger(__name__)
@@ -55,34 +56,57 @@ def check_adapter(adapter: LoraAdapter, alignment: Alignment, adapter_dir: Path)
         log.warning("adapter base %s differs in name from the alignment's old model %s; shapes match", base, old)
 
 
+def _named(module: str, name: str) -> bool:
+    return module == name or module.endswith("." + name)
+
+
+def _head_source(module: str, saved: set[str]) -> str | None:
+    """The saved module whose output the head module ``module`` reads (``arch.HEAD_INPUTS``); None when it
+    reads the final-normed hidden state (or its source is the base's own, not saved)."""
+    for reader, source in HEAD_INPUTS.items():
+        if _named(module, reader):
+            return next((s for s in sorted(saved) if _named(s, source)), None)
+    return None
+
+
+def _resize(w: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """``w`` with dimension ``dim`` zero-padded (or cut) to ``n``."""
+    if w.shape[dim] >= n:
+        return w.narrow(dim, 0, n)
+    return torch.cat([w, w.new_zeros(*w.shape[:dim], n - w.shape[dim], *w.shape[dim + 1:])], dim)
+
+
 def _map_extra(adapter: LoraAdapter, alignment: Alignment) -> dict[str, torch.Tensor]:
     """modules_to_save tensors. A head reads the final-normed hidden state, W_new = W_old·diag(g_old)·T⁺·
-    diag(1/g_new) with g the final norm scales, and writes its own space, which stays as it is; in a
-    chain (pooler → classifier) a module that reads the hidden-sized output of another saved module is
-    downstream and copied. Vocabulary-sized tensors (embeddings,
-    LM head) read or write the hidden state through T and move only between identical vocabularies.
+    diag(1/g_new) with g the final norm scales, and writes its own space. In a chain (``arch.HEAD_INPUTS``:
+    pooler → classifier) the upstream module's own units are kept, zero-padded (or cut) to the new hidden size,
+    and so are the columns of the module that reads them: with a zero bias the padded units output tanh(0) = 0,
+    so the head computes the same function on a wider base. Vocabulary-sized tensors (embeddings, LM head) read or
+    write the hidden state through T and move only between identical vocabularies.
 
     Raises:
         IncompatibleModelsError: a vocabulary-sized tensor across different vocabularies.
     """
     pinv = pseudo_inverse(alignment.transfer)
     head_in = normed_input_map(alignment.old_profile.final_scale(), alignment.new_profile.final_scale(), pinv)
-    d_old, vocab = alignment.old.hidden, alignment.old.vocab_size
+    d_old, d_new, vocab = alignment.old.hidden, alignment.new.hidden, alignment.old.vocab_size
     shared = alignment.info.get("shared_tokens", {})
     same_vocab = vocab == alignment.new.vocab_size and shared.get("coverage_old") == shared.get("coverage_new") == 1.0
-    module = {key: key.rsplit(".", 1)[0] for key in adapter.extra}
-    writes_hidden_size = {module[k] for k, w in adapter.extra.items()
-                          if w.dim() == 2 and w.shape[0] == d_old != vocab}
+    saved = {key.rsplit(".", 1)[0] for key in adapter.extra}
+    sources = {module: _head_source(module, saved) for module in saved}
+    upstream = set(sources.values()) - {None}
     out = {}
     for key, w in adapter.extra.items():
+        module = key.rsplit(".", 1)[0]
         vocab_rows = w.dim() == 2 and w.shape[0] == vocab
         if vocab_rows and not same_vocab:
             raise IncompatibleModelsError(f"{key}: vocabulary-sized modules_to_save cannot move across vocabularies yet")
-        downstream = bool(writes_hidden_size - {module[key]})
-        if w.dim() == 2 and w.shape[1] == d_old and vocab_rows:
-            w = w @ pinv
-        elif w.dim() == 2 and w.shape[1] == d_old and not downstream:
-            w = w @ head_in
+        if module in upstream:  # its own output units
+            w = _resize(w, d_new, 0)
+        if w.dim() == 2 and sources[module]:
+            w = _resize(w, d_new, 1)
+        elif w.dim() == 2 and w.shape[1] == d_old:
+            w = w @ (pinv if vocab_rows else head_in)
         out[key] = w
     return out
 
@@ -205,9 +229,13 @@ def _fit_with_data(cfg: TransferConfig, alignment: Alignment, adapter: LoraAdapt
     return LoraAdapter(config=result.config, modules=modules, extra=extra), report
 
 
-def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progress: ProgressFn = no_progress) -> Path:
+def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progress: ProgressFn = no_progress) -> bool:
     """Transfer ``cfg.adapter`` through the alignment in ``cfg.align`` into ``out_dir``; with
-    ``cfg.prompts``, then refit it on them (data-aware transfer)."""
+    ``cfg.prompts``, then refit it on them (data-aware transfer).
+
+    Returns:
+        True when it transferred, False when ``out_dir`` already held this transfer of the same inputs.
+    """
     out_dir = Path(out_dir)
     align_dir, adapter_dir = Path(cfg.align), Path(cfg.adapter)
     check_stage(align_dir, "align")
@@ -223,7 +251,7 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progre
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping transfer (use --force to redo)", out_dir)
-        return out_dir
+        return False
     log.info("transfer config:\n%s", yaml.safe_dump(config, sort_keys=False))
     options = TransferOptions(rank=cfg.rank if isinstance(cfg.rank, int) else None,
                               energy=cfg.energy if cfg.rank == "auto" else None,
@@ -249,4 +277,4 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progre
             verify_with_peft(run.tmp_dir, result.config["base_model_name_or_path"], cfg.load, result)
         run.extra["summary"] = {"modules": len(modules), "filled": sum(r["fill"] != "mapped" for r in report),
                                 "dropped": len(dropped)}
-    return out_dir
+    return True

@@ -1,0 +1,57 @@
+"""Hub ids are pinned: a stage records the commit its hub model resolved to, and reruns when the hub moves on.
+Offline, on a hub cache laid out as huggingface_hub writes it.
+
+    pytest tests/test_hub.py
+"""
+
+import json
+
+import huggingface_hub
+import pytest
+
+from loramigrate.align.runner import run_align
+from loramigrate.config import AlignConfig
+from loramigrate.errors import ArtifactError
+from loramigrate.models import hub_commit, load_model, resolve_model
+from tests.helpers import make_tiny
+
+FIRST, SECOND = "1" * 40, "2" * 40
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An offline hub cache holding ``org/tiny`` at two commits, ``main`` at the first."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    for seed, commit in enumerate((FIRST, SECOND)):
+        make_tiny("llama", repo / "snapshots" / commit, seed=seed)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(FIRST)
+    hub_commit.cache_clear()
+    yield repo
+    hub_commit.cache_clear()
+
+
+def test_a_hub_id_resolves_to_its_commit_and_loads_that_commit(hub):
+    ref = resolve_model("org/tiny")
+    assert (ref.source, ref.revision, ref.path) == ("org/tiny", FIRST, f"org/tiny@{FIRST}")
+    pinned = resolve_model(f"org/tiny@{SECOND}")
+    assert pinned.path == f"org/tiny@{SECOND}"
+    first, second = load_model(ref), load_model(pinned)
+    assert not first.model.embed_tokens.weight.equal(second.model.embed_tokens.weight)
+    with pytest.raises(ArtifactError, match="org/missing not found"):
+        resolve_model("org/missing")
+
+
+def test_the_manifest_records_the_commit_and_the_stage_reruns_when_the_hub_moves_on(hub, tmp_path):
+    cfg = AlignConfig(old="org/tiny", new="org/tiny", max_tokens=64)
+    out = run_align(cfg, tmp_path / "align")
+    inputs = json.loads((out / "manifest.json").read_text())["inputs"]
+    assert inputs["new"] == {"path": f"org/tiny@{FIRST}", "sha256": f"hub:org/tiny@{FIRST}"}
+    (hub / "refs" / "main").write_text(SECOND)
+    hub_commit.cache_clear()  # a new run
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    run_align(cfg, out)
+    assert (out / "manifest.json").stat().st_mtime_ns != stamp
+    assert json.loads((out / "manifest.json").read_text())["inputs"]["old"]["path"] == f"org/tiny@{SECOND}"
