@@ -16,12 +16,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loramigrate.adapters import check_adapter_dir
 from loramigrate.align import run_align
+from loramigrate.align.activations import read_calibration
 from loramigrate.artifacts import read_manifest, refuse_overlap
-from loramigrate.errors import ConfigError
+from loramigrate.errors import ArtifactError, ConfigError
 from loramigrate.eval import RESULTS, Comparison, Pair, run_eval
 from loramigrate.evaluate import read_task
 from loramigrate.finetune.runner import run_finetune
+from loramigrate.finetune.teacher import check_teacher
 from loramigrate.models import resolve_model, shared_vocabulary
 from loramigrate.progress import ProgressFn, no_progress
 from loramigrate.proxy import NAME as PROXY
@@ -69,6 +72,46 @@ def adapter_names(paths: list[str]) -> list[str]:
     return names
 
 
+def check_inputs(recipe: Recipe) -> None:
+    """Check every input the recipe names (bases, adapters, data, calibration, prompts, teachers) before the
+    first stage: a bad one found by a later stage would come after align's work.
+
+    Raises:
+        LoramigrateError: the first input that is missing or does not parse.
+    """
+    new = resolve_model(recipe.new)
+    resolve_model(recipe.old)
+    align = recipe.align_config()
+    if align.calib:
+        read_calibration(Path(align.calib))
+    for source in recipe.adapters:
+        try:
+            check_adapter_dir(source)
+        except ArtifactError as e:
+            raise ArtifactError(f"{e}; the recipe's header comment names the command that trains it") from None
+    source = recipe.adapters[0]  # the stages read the same files for every adapter
+    reads = {(recipe.data.test, False): None}  # (data file, rows may lack labels) in the order stages read them
+    if prompts := recipe.transfer_config("ALIGN", source).prompts:
+        reads[(prompts, True)] = None
+    if recipe.search is not None:
+        search = recipe.search_config("ALIGN", "TRANSFER", source)
+        reads[(search.data, search.objective == "distill")] = None
+        if search.fidelity_steps:
+            reads[(search.train, False)] = None
+        if search.teacher_adapter:
+            check_adapter_dir(search.teacher_adapter)
+    if recipe.finetune is not None:
+        finetune = recipe.finetune_config("INIT", source)
+        distilling = finetune.teacher != "none"
+        reads[(finetune.data, distilling)] = reads[(finetune.val, distilling)] = None
+        if distilling:
+            check_adapter_dir(finetune.teacher_adapter)
+            check_teacher(finetune.teacher, read_task(finetune.data, 1, unlabelled=True).kind, new,
+                          finetune.teacher_base)
+    for path, unlabelled in reads:
+        read_task(path, unlabelled=unlabelled)
+
+
 def run_recipe(recipe: Recipe, run_dir: Path, force_from: str | None = None, align_dir: Path | None = None,
                progress: ProgressFn = no_progress) -> list[AdapterRun]:
     """align → transfer → search → finetune → eval for every adapter of ``recipe``; returns what was done.
@@ -79,11 +122,11 @@ def run_recipe(recipe: Recipe, run_dir: Path, force_from: str | None = None, ali
         raise ConfigError(f"--from {force_from!r}: expected one of {', '.join(STAGES)}")
     forced = set(STAGES[STAGES.index(force_from):]) if force_from else set()
     names = adapter_names(recipe.adapters)
-    read_task(recipe.data.test, 1)  # fail on unreadable data before any heavy work
     run_dir = Path(run_dir)
     align_out = Path(align_dir) if align_dir else run_dir / "align"
     for name in names:  # e.g. an adapter named `align` would write its stages into the alignment
         refuse_overlap(run_dir / name, [align_out, *recipe.adapters])
+    check_inputs(recipe)
     align_ran = _stage(align_out, run_align, recipe.align_config(), align_out, progress, force="align" in forced)
     runs = []
     for name, source in zip(names, recipe.adapters, strict=True):

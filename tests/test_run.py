@@ -102,6 +102,29 @@ def test_the_eval_stage_loads_models_as_the_recipe_says(debug, monkeypatch):
     assert manifest["config"]["load"] == {"dtype": "float32", "device": "cpu"}
 
 
+BAD_INPUTS = {  # what breaks → (run options, a fragment of the one-line message)
+    "adapter": (["--adapter", "{tmp}/empty"], "is not a PEFT adapter directory"),
+    "training data": (["--set", "data.train={tmp}/missing.jsonl"], "cannot read data file"),
+    "prompts": (["--set", "transfer.prompts={tmp}/bad.jsonl"], "not valid JSON"),
+    "calibration": (["--set", "align.calib={tmp}/missing.txt"], "cannot read calibration file"),
+    "teacher": (["--set", "finetune.teacher=old", "--set", "finetune.teacher_adapter={tmp}/empty"],
+                "is not a PEFT adapter directory"),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_INPUTS))
+def test_run_checks_every_input_before_the_first_stage(debug, monkeypatch, what):
+    def no_align(*args, **kwargs):
+        pytest.fail("align ran before the inputs were checked")
+    monkeypatch.setattr("loramigrate.pipeline.run_align", no_align)
+    (debug / "empty").mkdir()
+    (debug / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{not json\n')
+    options, message = BAD_INPUTS[what]
+    result = run(debug / "run", *(o.format(tmp=debug) for o in options))
+    assert result.exit_code == 1 and message in result.stderr, result.output
+    assert not (debug / "run").exists()
+
+
 KILLS = {  # stage → (module attribute to break, which call raises)
     "align": ("loramigrate.align.runner.save_alignment", 1),
     "transfer": ("loramigrate.transfer.runner.verify_with_peft", 1),
