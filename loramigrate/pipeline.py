@@ -50,15 +50,6 @@ class AdapterRun:
         return self.dirs.get("finetune") or self.dirs.get("search") or self.dirs["transfer"]
 
 
-def _stage(out: Path, runner, *args, **kwargs) -> bool:
-    """Call a runner that returns its directory (align, search) for ``out``; True when it (re)wrote ``out``, False
-    when it kept a matching result. The other runners say so themselves."""
-    manifest = out / "manifest.json"
-    before = manifest.stat().st_mtime_ns if manifest.is_file() else None
-    runner(*args, **kwargs)
-    return manifest.stat().st_mtime_ns != before
-
-
 def adapter_names(paths: list[str]) -> list[str]:
     """Directory names, which name each adapter's folder in the run; they must be distinct.
 
@@ -127,7 +118,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, force_from: str | None = None, ali
     for name in names:  # e.g. an adapter named `align` would write its stages into the alignment
         refuse_overlap(run_dir / name, [align_out, *recipe.adapters])
     check_inputs(recipe)
-    align_ran = _stage(align_out, run_align, recipe.align_config(), align_out, progress, force="align" in forced)
+    align_ran = run_align(recipe.align_config(), align_out, progress, force="align" in forced)
     runs = []
     for name, source in zip(names, recipe.adapters, strict=True):
         r = AdapterRun(name=name, source=source, dirs={"align": align_out}, ran={"align": align_ran})
@@ -144,8 +135,8 @@ def _migrate(recipe: Recipe, r: AdapterRun, base: Path, forced: set[str], progre
                                      progress=progress)
     if recipe.search is not None:
         r.dirs["search"] = out = base / "search"
-        r.ran["search"] = _stage(out, run_search, recipe.search_config(align, str(init), r.source), out, progress,
-                                 force="search" in forced)
+        r.ran["search"] = run_search(recipe.search_config(align, str(init), r.source), out, progress,
+                                     force="search" in forced)
         init = out
     if recipe.finetune is not None:
         r.dirs["finetune"] = out = base / "finetune"

@@ -96,7 +96,9 @@ def val_loss(model_dir, adapter_dir, data):
 
 
 def test_trial_zero_is_transfer_as_is_and_the_output_is_the_best_blend(pair, tmp_path):
-    out = run_search(config(pair), tmp_path / "s")
+    out = tmp_path / "s"
+    assert run_search(config(pair), out)
+    assert not run_search(config(pair), out)  # kept: the same inputs and options
     summary = json.loads((out / "manifest.json").read_text())["search"]
     trials = (out / "trials.csv").read_text().splitlines()
     first = dict(zip(trials[0].split(","), trials[1].split(","), strict=True))
@@ -110,7 +112,8 @@ def test_trial_zero_is_transfer_as_is_and_the_output_is_the_best_blend(pair, tmp
 
 
 def test_search_finds_a_known_optimal_blend(pair, tmp_path):
-    out = run_search(config(pair, space="global", n_trials=14, alpha_min=0.0, beta_max=0.0), tmp_path / "s")
+    out = tmp_path / "s"
+    run_search(config(pair, space="global", n_trials=14, alpha_min=0.0, beta_max=0.0), out)
     best = json.loads((out / "manifest.json").read_text())["search"]["best_params"]
     assert best["alpha"] == pytest.approx(0.5, abs=0.15)
 
@@ -128,7 +131,8 @@ def test_an_interrupted_study_resumes_to_n_trials(pair, tmp_path, monkeypatch):
         run_search(config(pair), tmp_path / "s")
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["study.db"]
     monkeypatch.setattr(search_core, "apply_blend", real)
-    out = run_search(config(pair), tmp_path / "s")
+    out = tmp_path / "s"
+    assert run_search(config(pair), out)
     study = optuna.load_study(study_name="loramigrate-search", storage=f"sqlite:///{out / 'study.db'}")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6 and states[3] == optuna.trial.TrialState.FAIL
@@ -161,7 +165,9 @@ def finished_trials(out):
 @pytest.fixture(scope="module")
 def uninterrupted(pair, tmp_path_factory):
     cfg = config(pair, space="global", n_trials=12, limit=192)  # GP proposes from trial 10 on
-    return cfg, run_search(cfg, tmp_path_factory.mktemp("whole") / "s")
+    out = tmp_path_factory.mktemp("whole") / "s"
+    run_search(cfg, out)
+    return cfg, out
 
 
 @pytest.mark.parametrize("killed_at", [0, 11], ids=["in-the-as-is-trial", "in-the-second-gp-trial"])
@@ -173,7 +179,8 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_trials_and_best(uninterru
                            str(killed_at)], env=python_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (tmp_path / "killed.lock").is_file()
-    resumed = run_search(cfg, tmp_path / "killed")
+    resumed = tmp_path / "killed"
+    assert run_search(cfg, resumed)
     assert finished_trials(resumed) == finished_trials(whole)
     want, got = manifest(whole), manifest(resumed)
     assert (got["best_params"], got["best_value"], got["trials"]) == (want["best_params"], want["best_value"], 12)
@@ -215,9 +222,10 @@ def test_more_trials_continue_the_private_study_and_other_options_restart_it(pai
     def trials(out):
         return optuna.load_study(study_name="loramigrate-search", storage=f"sqlite:///{out / 'study.db'}").trials
 
-    out = run_search(config(pair, space="global", n_trials=3), tmp_path / "s")
+    out = tmp_path / "s"
+    run_search(config(pair, space="global", n_trials=3), out)
     first = [t.params for t in trials(out)]
-    run_search(config(pair, space="global", n_trials=5), out)
+    assert run_search(config(pair, space="global", n_trials=5), out)
     assert [t.params for t in trials(out)][:3] == first and len(trials(out)) == 5
     run_search(config(pair, space="global", n_trials=3, alpha_max=0.8), out)  # a redone stage: a new study
     again = trials(out)
@@ -231,7 +239,8 @@ def test_multi_fidelity_trials_score_a_short_finetune_and_stop_poor_ones_early(p
     from loramigrate.finetune.objective import completion_loss
 
     cfg = config(pair, fidelity_steps=3, train=str(pair["data"]), space="global", n_trials=8)
-    out = run_search(cfg, tmp_path / "s")
+    out = tmp_path / "s"
+    run_search(cfg, out)
     study = optuna.load_study(study_name=cfg.study, storage=f"sqlite:///{out / 'study.db'}")
     first = study.trials[0]
     assert first.params == {"alpha": 1.0, "beta": 0.0} and sorted(first.intermediate_values) == [0, 1, 2]
@@ -321,8 +330,9 @@ def test_the_space_keeps_beta_where_the_weights_only_drifted_and_drops_it_elsewh
     # end to end on the unrelated pair: no β trial, the bases never loaded for it, the space recorded
     adapter = make_lora(unrelated[0], tmp_path / "lora", targets=TARGETS)
     cli("transfer", "--align", tmp_path / "unrelated", "--adapter", adapter, "-o", tmp_path / "transfer")
-    out = run_search(SearchConfig(align=str(tmp_path / "unrelated"), transfer=str(tmp_path / "transfer"),
-                                  data=str(pair["data"]), limit=16, n_trials=2, space="global"), tmp_path / "s")
+    out = tmp_path / "s"
+    run_search(SearchConfig(align=str(tmp_path / "unrelated"), transfer=str(tmp_path / "transfer"),
+                            data=str(pair["data"]), limit=16, n_trials=2, space="global"), out)
     assert manifest(out)["space"] == {"alpha": [0.5, 1.5]}
     assert not (tmp_path / "unrelated" / "cache").exists()
 
@@ -332,7 +342,8 @@ def test_the_distill_objective_needs_no_labels_and_is_zero_for_transfer_as_is_on
     prompts.write_text("".join(json.dumps({"prompt": " ".join(WORDS[i:i + 4])}) + "\n" for i in range(12)))
     cfg = config(pair, data=str(prompts), limit=12, objective="distill", teacher_adapter=str(pair["adapter"]),
                  space="global", n_trials=4)
-    out = run_search(cfg, tmp_path / "s")
+    out = tmp_path / "s"
+    run_search(cfg, out)
     summary = manifest(out)
     assert summary["objective"].startswith("KL(old pair")
     assert summary["transfer_as_is"] == pytest.approx(0.0, abs=1e-5)  # teacher = old pair = new base + transfer

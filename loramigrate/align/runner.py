@@ -20,9 +20,12 @@ log = logging.getLogger(__name__)
 STAGE = "align"
 
 
-def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False
-              ) -> Path:
-    """Align ``cfg.old`` with ``cfg.new`` into ``out_dir``; a finished identical run is kept as is."""
+def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> bool:
+    """Align ``cfg.old`` with ``cfg.new`` into ``out_dir``; a finished identical run is kept as is.
+
+    Returns:
+        True when it aligned, False when ``out_dir`` already held this alignment of the same inputs.
+    """
     out_dir = Path(out_dir)
     old_ref, new_ref = resolve_model(cfg.old), resolve_model(cfg.new)
     calib_path = Path(cfg.calib) if cfg.calib else default_calibration()
@@ -33,7 +36,7 @@ def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progres
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):  # reading needs no lock: a fleet shares it
         log.info("%s is up to date; skipping align (use --force to redo)", out_dir)
-        return out_dir
+        return False
     with output_lock(out_dir):
         log.info("align config:\n%s", yaml.safe_dump(config, sort_keys=False))
         old_tok, new_tok = load_tokenizer(old_ref), load_tokenizer(new_ref)
@@ -45,4 +48,4 @@ def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progres
             plot_cka(alignment.cka, alignment.layer_map, run.tmp_dir / "cka.png")
             run.extra["phase_wall_s"] = alignment.info["timings"]
             run.extra["summary"] = {"layer_map": alignment.layer_map, **alignment.info["scores"]}
-    return out_dir
+    return True

@@ -25,6 +25,6 @@ def align(cfg: AlignConfig, out: OutDirOpt, force: ForceOpt = False) -> None:
     from loramigrate.align import run_align
 
     with progress_bars() as progress:
-        result = run_align(cfg, out, progress=progress, force=force)
-    typer.echo(str(result))
+        run_align(cfg, out, progress=progress, force=force)
+    typer.echo(str(out))
 

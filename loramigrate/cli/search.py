@@ -28,5 +28,5 @@ def search(cfg: SearchConfig, out: OutDirOpt, force: ForceOpt = False) -> None:
     from loramigrate.search import run_search
 
     with progress_bars() as progress:
-        result = run_search(cfg, out, progress=progress, force=force)
-    typer.echo(str(result))
+        run_search(cfg, out, progress=progress, force=force)
+    typer.echo(str(out))

@@ -238,8 +238,12 @@ def _write_adapter(scorer: BlendScorer, params: dict[str, float], transfer: str,
     write_adapter(result, out)
 
 
-def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> Path:
-    """Search blends of the transferred adapter, the base evolution and a fresh direction; resumable."""
+def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> bool:
+    """Search blends of the transferred adapter, the base evolution and a fresh direction; resumable.
+
+    Returns:
+        True when it searched, False when ``out_dir`` already held this search of the same inputs.
+    """
     out_dir = Path(out_dir)
     _check_inputs(cfg)
     task = read_task(cfg.data, cfg.limit, unlabelled=SCORES[cfg.objective] is not None)
@@ -256,7 +260,7 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
     config = cfg.model_dump()
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping search (use --force to redo)", out_dir)
-        return out_dir
+        return False
     with output_lock(out_dir):  # held from the study's first trial: a second process would share the private study
         log.info("search config:\n%s", yaml.safe_dump(config, sort_keys=False))
         fresh = not out_dir.exists()
@@ -266,7 +270,7 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
             if fresh:
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise
-    return out_dir
+    return True
 
 
 def _search(cfg: SearchConfig, alignment: Alignment, new: ModelRef, task: Task, train_rows: list[dict], storage,
