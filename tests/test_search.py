@@ -235,8 +235,10 @@ def test_more_trials_continue_the_private_study_and_other_options_restart_it(pai
 
 def test_multi_fidelity_trials_score_a_short_finetune_and_stop_poor_ones_early(pair, tmp_path):
     from loramigrate.evaluate import read_task
-    from loramigrate.finetune.loop import batch_rows
-    from loramigrate.finetune.objective import completion_loss
+    from loramigrate.finetune.loop import batch_rows, train
+    from loramigrate.finetune.objective import completion_loss, mean_loss
+    from loramigrate.models import ModelRef
+    from loramigrate.search.runner import fidelity_finetune
 
     cfg = config(pair, fidelity_steps=3, train=str(pair["data"]), space="global", n_trials=8)
     out = tmp_path / "s"
@@ -244,11 +246,14 @@ def test_multi_fidelity_trials_score_a_short_finetune_and_stop_poor_ones_early(p
     study = optuna.load_study(study_name=cfg.study, storage=f"sqlite:///{out / 'study.db'}")
     first = study.trials[0]
     assert first.params == {"alpha": 1.0, "beta": 0.0} and sorted(first.intermediate_values) == [0, 1, 2]
-    # trial 0 = transfer as is + 3 Adam steps on the LoRA factors, recomputed here with stock PEFT
-    base = transformers.AutoModelForCausalLM.from_pretrained(pair["model"])
-    model = PeftModel.from_pretrained(base, str(pair["transfer"]), is_trainable=True).eval()
     task, tok = read_task(pair["data"]), transformers.AutoTokenizer.from_pretrained(pair["model"])
     loss = completion_loss(tok, task, cfg.max_len)
+
+    def transferred():
+        base = transformers.AutoModelForCausalLM.from_pretrained(pair["model"])
+        return PeftModel.from_pretrained(base, str(pair["transfer"]), is_trainable=True).eval()
+    # trial 0 = transfer as is + 3 Adam steps at a constant rate on the LoRA factors, recomputed with stock PEFT
+    model = transferred()
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if "lora_" in n], lr=cfg.fidelity_lr)
     for step in range(3):
         opt.zero_grad()
@@ -256,9 +261,15 @@ def test_multi_fidelity_trials_score_a_short_finetune_and_stop_poor_ones_early(p
         opt.step()
     with torch.no_grad():
         assert first.value == pytest.approx(float(loss(model, task.rows)), rel=1e-4)
+    # … and it is the finetune loop's result for the same steps and seed, and lower than before those steps
+    model = transferred()
+    log, _ = train(model, task.rows, fidelity_finetune(cfg, ModelRef(str(pair["model"]))), loss,
+                   lambda m: {"loss": mean_loss(loss, m, task.rows, cfg.batch_size)}, None, dropout=False)
+    assert [r["val_loss"] for r in log] == pytest.approx([first.intermediate_values[i] for i in range(3)], rel=1e-5)
+    summary = json.loads((out / "manifest.json").read_text())["search"]
+    assert first.value < summary["transfer_as_is_value"]
     states = {t.state for t in study.trials}
     assert states <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
-    summary = json.loads((out / "manifest.json").read_text())["search"]
     assert len(study.trials) == 8 and summary["trials"] + summary["pruned"] == 8  # pruned trials use the budget
     assert summary["transfer_as_is"] == first.value
     assert summary["pruned"] == sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)

@@ -116,8 +116,12 @@ def head_parameters(model: nn.Module, factors: dict[str, LoraFactors]) -> dict[s
 
 
 def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: BatchLoss, evaluate: EvalFn,
-          ckpt_dir: Path, progress: ProgressFn = no_progress) -> tuple[list[dict], dict | None]:
+          ckpt_dir: Path | None, progress: ProgressFn = no_progress, dropout: bool = True
+          ) -> tuple[list[dict], dict | None]:
     """Train in place; returns the log rows and where the target was reached (or None).
+
+    ``ckpt_dir`` None trains without checkpoints (nothing to resume), and ``dropout`` False keeps the model in
+    eval mode, so that the same start always gives the same result (the search's short finetunes).
 
     Raises:
         FloatingPointError: the loss became NaN/inf (the last checkpoint is kept).
@@ -132,12 +136,12 @@ def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: B
     base_lrs = [g["lr"] for g in groups]
     log: list[dict] = []
     start_step, elapsed, hit = 0, 0.0, None
-    ckpt = ckpt_dir / CKPT
-    if ckpt.is_file():  # resume: factors, optimiser, log, clock and random generators as they were
+    ckpt = ckpt_dir / CKPT if ckpt_dir else None
+    if ckpt is not None and ckpt.is_file():  # resume: factors, optimiser, log, clock and random generators as they were
         start_step, elapsed, log = _resume(read_checkpoint(ckpt), factors, head, opt)
     target = parse_target(cfg.target)
     clock = time.perf_counter() - elapsed
-    model.train()
+    model.train(dropout)
     for step in range(start_step, cfg.steps):
         opt.zero_grad()
         task = 0.0
@@ -167,11 +171,12 @@ def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: B
         if (step + 1) % cfg.eval_every == 0 or done:
             model.eval()
             row.update({f"val_{k}": v for k, v in evaluate(model).items()})
-            model.train()
+            model.train(dropout)
             if hit is None and reached(target, {k[4:]: v for k, v in row.items() if k.startswith("val_")}):
                 hit = {"step": step + 1, "s": row["s"]}
             log.append(row)
-            _checkpoint(ckpt, factors, head, opt, step + 1, row["s"], log)
+            if ckpt is not None:
+                _checkpoint(ckpt, factors, head, opt, step + 1, row["s"], log)
             if hit:
                 break
         else:

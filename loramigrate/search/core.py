@@ -4,6 +4,7 @@ that score them. No paths, no storage: the runner loads, the study proposes, thi
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import zlib
@@ -14,7 +15,8 @@ import torch
 from torch import nn
 
 from loramigrate.alignment import Alignment
-from loramigrate.finetune.loop import batch_rows, lora_layers
+from loramigrate.config import FinetuneConfig
+from loramigrate.finetune.loop import lora_layers, train
 from loramigrate.finetune.objective import BatchLoss, mean_loss
 from loramigrate.lora import Delta, locate
 from loramigrate.search.blend import Ingredients, blend, fresh_direction, module_group
@@ -64,7 +66,7 @@ def apply_blend(layers: dict[str, nn.Module], parts: dict[str, Ingredients], par
 @dataclass(frozen=True)
 class BlendScorer:
     """The new base with the transferred adapter, loaded once, and what scores a blend written into it:
-    ``batch_loss`` over ``rows`` (validation), after ``steps`` Adam steps on ``train_rows`` when > 0."""
+    ``batch_loss`` over ``rows`` (validation), after the short ``finetune`` on ``train_rows`` when given."""
 
     model: nn.Module
     layers: dict[str, nn.Module]
@@ -73,9 +75,7 @@ class BlendScorer:
     rows: list[dict]
     batch_size: int
     train_rows: list[dict]
-    steps: int = 0
-    lr: float = 1e-3
-    seed: int = 0
+    finetune: FinetuneConfig | None = None  # the multi-fidelity objective's; None: forward passes only
 
     def value(self) -> float:
         """The objective of the weights now loaded (no training)."""
@@ -90,29 +90,28 @@ class BlendScorer:
         t0 = time.perf_counter()
         apply_blend(self.layers, self.parts, params)
         t1 = time.perf_counter()
-        value = self.short_finetune(report) if self.steps else self.value()
+        value = self.short_finetune(report) if self.finetune else self.value()
         if not math.isfinite(value):
             raise FloatingPointError(f"non-finite loss {value}")
         return value, {"blend_s": t1 - t0, "pass_s": time.perf_counter() - t1}
 
     def short_finetune(self, report: Report) -> float:
-        """The multi-fidelity objective: ``steps`` Adam steps on the LoRA factors from the blend now loaded
-        (seeded batches, dropout off, head frozen), reporting the validation loss after each step to
-        ``report`` (which may stop the trial). Returns the last validation loss."""
+        """The multi-fidelity objective: the finetune loop on the LoRA factors from the blend now loaded (dropout
+        off and head frozen, so a blend always scores the same; no checkpoints), reporting the validation loss
+        after each evaluation to ``report`` (which may stop the trial). Returns the last validation loss."""
+        steps = itertools.count()
+
+        def evaluate(_model: nn.Module) -> dict[str, float]:
+            loss = self.value()
+            report(loss, next(steps))
+            return {"loss": loss}
         weights = [w for layer in self.layers.values()
                    for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
-        opt = torch.optim.Adam(weights, lr=self.lr)
         for w in weights:
             w.requires_grad_(True)
         try:
-            for step in range(self.steps):
-                opt.zero_grad()
-                with torch.enable_grad():
-                    self.batch_loss(self.model, batch_rows(self.train_rows, step, self.batch_size, self.seed)).backward()
-                opt.step()
-                loss = self.value()
-                report(loss, step)
+            log, _ = train(self.model, self.train_rows, self.finetune, self.batch_loss, evaluate, None, dropout=False)
         finally:
             for w in weights:
                 w.requires_grad_(False)
-        return loss
+        return log[-1]["val_loss"]

@@ -121,8 +121,16 @@ def _scorer(cfg: SearchConfig, alignment: Alignment, new: ModelRef, task: Task, 
     space = search_space(cfg.space, sorted({p.group for p in parts.values()}), (cfg.alpha_min, cfg.alpha_max),
                          beta_max, cfg.gamma_max)
     rows, batch_loss = _objective(cfg, alignment, task, load_tokenizer(new), model, progress)
-    return BlendScorer(model, layers, parts, batch_loss, rows, cfg.batch_size, train_rows, cfg.fidelity_steps,
-                       cfg.fidelity_lr, cfg.seed), space
+    return BlendScorer(model, layers, parts, batch_loss, rows, cfg.batch_size, train_rows,
+                       fidelity_finetune(cfg, new) if cfg.fidelity_steps else None), space
+
+
+def fidelity_finetune(cfg: SearchConfig, new: ModelRef) -> FinetuneConfig:
+    """The multi-fidelity objective's finetune: ``fidelity_steps`` at a constant ``fidelity_lr`` on ``train``, the
+    validation loss after every step (what the pruner compares)."""
+    return FinetuneConfig(base=new.path, data=cfg.train, steps=cfg.fidelity_steps, lr=cfg.fidelity_lr,
+                          lr_schedule="constant", batch_size=cfg.batch_size, max_len=cfg.max_len, eval_every=1,
+                          reg_toward="zero", seed=cfg.seed, load=cfg.load)
 
 
 def _evolution(cfg: SearchConfig, alignment: Alignment, layers, progress: ProgressFn):
