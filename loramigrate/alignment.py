@@ -29,7 +29,6 @@ class LayerAlignment:
     Attributes:
         head_sim: (H_new, H_old) circuit similarity.
         head_map: per new query head, the old head or None.
-        kv_map: per new kv group, the old kv group or None.
         mlp_map: (I_new,) old neuron per new neuron, -1 for none.
         mlp_score: (I_new,) similarity of each matched neuron pair (0 where unmatched).
         q_map, k_map, v_map: (H_new, hd_new, hd_old) per new query head, the map from its source
@@ -41,7 +40,6 @@ class LayerAlignment:
     old_layer: int
     head_sim: torch.Tensor
     head_map: list[int | None]
-    kv_map: list[int | None]
     mlp_map: torch.Tensor
     mlp_score: torch.Tensor
     q_map: torch.Tensor
@@ -101,7 +99,6 @@ def save_alignment(a: Alignment, out_dir: Path) -> None:
     for j, la in a.layers.items():
         tensors[f"layers.{j}.head_sim"] = la.head_sim.float().contiguous()
         tensors[f"layers.{j}.head_map"] = _none_to_neg(la.head_map)
-        tensors[f"layers.{j}.kv_map"] = _none_to_neg(la.kv_map)
         tensors[f"layers.{j}.mlp_map"] = la.mlp_map.long().contiguous()
         tensors[f"layers.{j}.mlp_score"] = la.mlp_score.float().contiguous()
         for role in ("q", "k", "v"):
@@ -116,8 +113,6 @@ def save_alignment(a: Alignment, out_dir: Path) -> None:
         # every new layer is listed; layers without a source layer have no source heads either
         "head_map": {str(j): a.layers[j].head_map if j in a.layers else [None] * a.new.n_heads
                      for j in range(a.new.n_layers)},
-        "kv_map": {str(j): a.layers[j].kv_map if j in a.layers else [None] * a.new.n_kv_heads
-                   for j in range(a.new.n_layers)},
         # wall times vary run to run: they belong in the manifest, not in the reproducible artifact
         **{k: v for k, v in a.info.items() if k != "timings"},
     }
@@ -145,7 +140,6 @@ def load_alignment(align_dir: Path) -> Alignment:
             old_layer=src,
             head_sim=t[f"layers.{j}.head_sim"],
             head_map=_neg_to_none(t[f"layers.{j}.head_map"]),
-            kv_map=_neg_to_none(t[f"layers.{j}.kv_map"]),
             mlp_map=t[f"layers.{j}.mlp_map"],
             mlp_score=t[f"layers.{j}.mlp_score"],
             q_map=t[f"layers.{j}.q_map"],
@@ -155,7 +149,7 @@ def load_alignment(align_dir: Path) -> Alignment:
         )
         for j, src in enumerate(layer_map) if src is not None
     }
-    info = {k: v for k, v in meta.items() if k not in ("old", "new", "layer_map", "head_map", "kv_map")}
+    info = {k: v for k, v in meta.items() if k not in ("old", "new", "layer_map", "head_map")}
     profiles = {side: ModelProfile(norms=t[f"{side}.norms"], weight_norms=t[f"{side}.weight_norms"],
                                    final_norm=t.get(f"{side}.final_norm"))
                 for side in ("old", "new")}

@@ -13,7 +13,7 @@ from torch import nn
 from loramigrate.align.activation_stats import HeadOutputStats, NeuronSample, captured_inputs
 from loramigrate.align.activations import activation_rows, calibration_batches, residual_streams
 from loramigrate.align.cka import make_cka
-from loramigrate.align.head_match import HEAD_MATCHERS, head_similarity, head_space_maps, kv_group_map
+from loramigrate.align.head_match import HEAD_MATCHERS, head_similarity, head_space_maps
 from loramigrate.align.layer_map import LAYER_MAPPERS
 from loramigrate.align.mlp_map import MLP_MATCHERS, neuron_similarity, resolve_mlp_matcher
 from loramigrate.align.transfer_matrix import TransferStats, shared_tokens
@@ -150,11 +150,8 @@ def match_layers(old: nn.Module, new: nn.Module, old_spec: ModelSpec, new_spec: 
         maps = head_space_maps(w_old, w_new, t, hmap, old_spec, new_spec)
         if head_stats:  # value spaces mapped by what the heads output on the same text
             maps["v"] = head_stats.value_maps(hmap)
-        result[j] = LayerAlignment(
-            old_layer=i, head_sim=hsim, head_map=hmap,
-            kv_map=kv_group_map(hmap, old_spec.group_size, new_spec.group_size, new_spec.n_kv_heads),
-            mlp_map=nmap, mlp_score=score, q_map=maps["q"], k_map=maps["k"], v_map=maps["v"], transfer=t_layer,
-        )
+        result[j] = LayerAlignment(old_layer=i, head_sim=hsim, head_map=hmap, mlp_map=nmap, mlp_score=score,
+                                   q_map=maps["q"], k_map=maps["k"], v_map=maps["v"], transfer=t_layer)
         progress("heads and neurons", n + 1, len(mapped))
     return result
 

@@ -101,17 +101,6 @@ HEAD_MATCHERS: dict[str, Callable[[torch.Tensor], HeadMap]] = {
 }
 
 
-def kv_group_map(head_map: HeadMap, old_group_size: int, new_group_size: int, n_new_kv: int
-                 ) -> list[int | None]:
-    """Old kv group for each new kv group: the most common group of its query heads' sources."""
-    result: list[int | None] = []
-    for g in range(n_new_kv):
-        sources = [head_map[h] // old_group_size for h in range(g * new_group_size, (g + 1) * new_group_size)
-                   if head_map[h] is not None]
-        result.append(max(sorted(set(sources)), key=sources.count) if sources else None)
-    return result
-
-
 def rope_dim_map(hd_old: int, hd_new: int, rot_old: int, rot_new: int, theta_old: float, theta_new: float
                  ) -> torch.Tensor:
     """(hd_new, hd_old) 0/1 map of query/key coordinates that keeps rotary pairs and frequencies.
