@@ -1,5 +1,5 @@
 """Function-preserving shape changes of a tiny untied Llama: new bases that compute exactly the old
-function with more kv heads, more heads, a larger head_dim or a wider residual stream.
+function with more kv heads, more heads, a larger head_dim, a wider residual stream or rotated rotary pairs.
 
 Each returns a new model whose logits equal the old one's (up to float error), so a transferred
 adapter must reproduce the old pair's logits on it. Tested in tests/test_function_preserving.py.
@@ -81,6 +81,36 @@ def rope_embedding(hd_old: int, factor: int) -> torch.Tensor:
     for i in range(half):
         m[factor * i, i] = m[factor * i + hd_new // 2, i + half] = 1.0
     return m
+
+
+def pair_rotations(angles: torch.Tensor) -> torch.Tensor:
+    """(..., hd, hd) rotations of each rotary pair (dims i, i + hd/2) by ``angles`` (..., hd/2)."""
+    half = angles.shape[-1]
+    cos, sin = angles.cos(), angles.sin()
+    m = torch.zeros(*angles.shape[:-1], 2 * half, 2 * half)
+    i = torch.arange(half)
+    m[..., i, i], m[..., i, i + half], m[..., i + half, i], m[..., i + half, i + half] = cos, -sin, sin, cos
+    return m
+
+
+def rotate_rotary_pairs(model, seed: int = 0):
+    """Each rotary pair of a kv group's q and k rows rotated by a random angle (per layer, kv group and
+    frequency): a 2×2 rotation commutes with RoPE's, and q·k sees RᵀR = I, so scores are unchanged.
+
+    Returns:
+        the new model and the angles (layers, n_kv_heads, head_dim / 2).
+    """
+    cfg = model.config
+    hd, d, gs = cfg.head_dim, cfg.hidden_size, cfg.num_attention_heads // cfg.num_key_value_heads
+    g = torch.Generator().manual_seed(seed)
+    angles = (torch.rand(cfg.num_hidden_layers, cfg.num_key_value_heads, hd // 2, generator=g) * 2 - 1) * torch.pi
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(cfg.num_hidden_layers):
+        rot = pair_rotations(angles[i])
+        for role, per_group in (("q", rot.repeat_interleave(gs, 0)), ("k", rot)):
+            key = _ATTN.format(i, role)
+            state[key] = (per_group @ _heads(state[key], hd)).reshape(-1, d)
+    return reshaped(model, state), angles
 
 
 def grow_head_dim(model, factor: int, seed: int = 0):

@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import WORDS, build, make_lora, make_tokenizer, randomize_norms, save, tiny_config
-from tests.reshapes import append_silent_neurons, grow_head_dim, prepend_zero_heads, replicate_kv_heads, widen_hidden
+from tests.reshapes import (
+    append_silent_neurons,
+    grow_head_dim,
+    prepend_zero_heads,
+    replicate_kv_heads,
+    rotate_rotary_pairs,
+    widen_hidden,
+)
 from tests.test_transfer import ALL, cli, logits
 
 HEAD_DIM, KV_HEADS, HEADS = 8, 4, 8
@@ -20,6 +27,7 @@ CASES = {
     "more-heads": lambda m: (m, prepend_zero_heads(m, KV_HEADS)),
     "head-dim-8-to-16": lambda m: (m, grow_head_dim(m, 2)),
     "hidden-64-to-96": lambda m: (m, widen_hidden(m, 96)),
+    "rotary-pairs-rotated": lambda m: (m, rotate_rotary_pairs(m)[0]),
 }
 # New units that compute but write nothing: exact only with --no-keep-norm-ratio. The default ratio measures
 # ‖W_new‖ over every head / neuron, silenced new ones included, and so scales the mapped update up (open in

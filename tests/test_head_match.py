@@ -14,7 +14,7 @@ from loramigrate.align.head_match import (
 )
 from loramigrate.arch import layer_weights, model_spec
 from tests.helpers import build, permute_and_rotate, randomize_norms, tiny_config
-from tests.reshapes import grow_head_dim
+from tests.reshapes import grow_head_dim, pair_rotations, rope_embedding, rotate_rotary_pairs
 
 
 def permuted_pair(layers: int, seed: int, spread: float | None = 0.5):
@@ -108,3 +108,22 @@ def test_head_space_maps_without_rotary_embeddings_recover_per_head_rotations():
     assert spec.rope_theta is None
     assert torch.allclose(maps["q"], qk, atol=1e-4) and torch.allclose(maps["k"], qk, atol=1e-4)
     assert torch.allclose(maps["v"], v, atol=1e-4)
+
+
+
+@pytest.mark.parametrize("factor", [1, 2], ids=["same-head-dim", "head-dim-doubled"])
+def test_rotary_pair_rotations_are_fitted_to_the_known_angles(factor):
+    """q and k of each kv group rotated per rotary pair by known angles (tests/reshapes.py): the q/k maps must be
+    exactly those rotations (after the pair embedding i → factor·i), one per kv group, in every layer."""
+    old = build(tiny_config("llama", hidden=64, layers=2, heads=8, kv_heads=4, init=0.2))
+    randomize_norms(old)
+    new, angles = rotate_rotary_pairs(grow_head_dim(old, factor), seed=4)
+    so, sn = model_spec(old), model_spec(new)
+    kv = torch.arange(8) // sn.group_size
+    for layer in range(2):
+        maps = head_space_maps(layer_weights(old, so, layer), layer_weights(new, sn, layer), torch.eye(64),
+                               list(range(8)), so, sn)
+        want = pair_rotations(angles[layer])[kv] @ rope_embedding(so.head_dim, factor)
+        assert torch.allclose(maps["q"], want, atol=1e-5) and torch.allclose(maps["k"], want, atol=1e-5)
+        fitted = torch.atan2(maps["q"][:, sn.head_dim // 2, 0], maps["q"][:, 0, 0])  # pair 0's angle per head
+        assert torch.allclose(fitted, angles[layer, kv, 0], atol=1e-5)

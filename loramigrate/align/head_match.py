@@ -101,22 +101,35 @@ HEAD_MATCHERS: dict[str, Callable[[torch.Tensor], HeadMap]] = {
 }
 
 
-def rope_dim_map(hd_old: int, hd_new: int, rot_old: int, rot_new: int, theta_old: float, theta_new: float
-                 ) -> torch.Tensor:
-    """(hd_new, hd_old) 0/1 map of query/key coordinates that keeps rotary pairs and frequencies.
+def rope_pairs(rot_old: int, rot_new: int, theta_old: float, theta_new: float) -> list[tuple[int, int]]:
+    """(new pair, old pair) of rotary frequency pairs: each new pair takes the old pair of the nearest
+    log-frequency (one-to-one). Rotary (rotate_half layout) pairs dims (i, i + rot/2) at θ^(-2i/rot)."""
+    log_fo = -2 * torch.arange(rot_old // 2, dtype=torch.float64) / rot_old * math.log(theta_old)
+    log_fn = -2 * torch.arange(rot_new // 2, dtype=torch.float64) / rot_new * math.log(theta_new)
+    rows, cols = linear_sum_assignment((log_fn[:, None] - log_fo[None, :]).abs().numpy())
+    return list(zip(rows.tolist(), cols.tolist(), strict=True))
 
-    Rotary (rotate_half layout) pairs dims (i, i + rot/2) at frequency θ^(-2i/rot). Each new pair takes
-    the old pair of the nearest log-frequency (one-to-one), so mapped coordinates rotate exactly as
-    before; 64 → 128 dims at one θ sends old pair i to new pair 2i. Non-rotary tail dims map in order.
+
+def rope_dim_map(hd_old: int, hd_new: int, rot_old: int, rot_new: int, theta_old: float, theta_new: float,
+                 cross: torch.Tensor | None = None) -> torch.Tensor:
+    """(hd_new, hd_old) map of query/key coordinates that keeps rotary pairs and frequencies.
+
+    Each new pair takes its ``rope_pairs`` old pair through a 2×2 rotation, which commutes with the rotary
+    embedding, so mapped coordinates rotate exactly as before; 64 → 128 dims at one θ sends old pair i to
+    new pair 2i. The rotation of a pair is the orthogonal Procrustes fit in 2D on ``cross`` (hd_new, hd_old),
+    Σ new rows · old rowsᵀ of the heads' q/k weights, and the identity where that block is zero (no data) or
+    ``cross`` is None. Non-rotary tail dims map in order.
     """
     po, pn = rot_old // 2, rot_new // 2
-    log_fo = -2 * torch.arange(po, dtype=torch.float64) / rot_old * math.log(theta_old)
-    log_fn = -2 * torch.arange(pn, dtype=torch.float64) / rot_new * math.log(theta_new)
-    rows, cols = linear_sum_assignment((log_fn[:, None] - log_fo[None, :]).abs().numpy())
     m = torch.zeros(hd_new, hd_old)
-    for i_new, i_old in zip(rows.tolist(), cols.tolist(), strict=True):
-        m[i_new, i_old] = 1.0
-        m[i_new + pn, i_old + po] = 1.0
+    for i_new, i_old in rope_pairs(rot_old, rot_new, theta_old, theta_new):
+        rows, cols = [i_new, i_new + pn], [i_old, i_old + po]
+        angle = 0.0
+        if cross is not None:  # argmax_θ tr(R(θ)ᵀ C) for the pair's 2×2 block C
+            c = cross[rows][:, cols].double()
+            angle = math.atan2(float(c[1, 0] - c[0, 1]), float(c[0, 0] + c[1, 1]))
+        cos, sin = math.cos(angle), math.sin(angle)
+        m[i_new, i_old], m[i_new, i_old + po], m[i_new + pn, i_old], m[i_new + pn, i_old + po] = cos, -sin, sin, cos
     for k in range(min(hd_new - rot_new, hd_old - rot_old)):
         m[rot_new + k, rot_old + k] = 1.0
     return m
@@ -136,24 +149,30 @@ def head_space_maps(old: LayerWeights, new: LayerWeights, transfer: torch.Tensor
     """Per NEW query head, the map from its source head's coordinates to its own: (H_new, hd_new, hd_old)
     for q, k and v (k and v between the two heads' kv groups). Zeros where a head has no source.
 
-    With rotary embeddings q/k use ``rope_dim_map`` (any other mixing would break positions); v, and
-    q/k without rotary embeddings, use an orthogonal Procrustes fit of the head weights through T.
+    With rotary embeddings q/k use ``rope_dim_map``, rotations fitted per new kv group on the q weights of its
+    heads and the k weights of their groups (scores need one rotation for a query head and its keys; any other
+    mixing would break positions); v, and q/k without rotary embeddings, use an orthogonal Procrustes fit of the
+    head weights through T.
     """
     t = transfer.float()
     hd_o, hd_n = old_spec.head_dim, new_spec.head_dim
-    rope = None
-    if old_spec.rope_theta and new_spec.rope_theta:
-        rope = rope_dim_map(hd_o, hd_n, old_spec.rotary_dim or hd_o, new_spec.rotary_dim or hd_n,
-                            old_spec.rope_theta, new_spec.rope_theta)
     maps = {role: torch.zeros(new_spec.n_heads, hd_n, hd_o) for role in ("q", "k", "v")}
+    rope = old_spec.rope_theta and new_spec.rope_theta
+    cross = torch.zeros(new_spec.n_kv_heads, hd_n, hd_o)  # Σ of new · oldᵀ q/k rows per new kv group
     for h_new, h_old in enumerate(head_map):
         if h_old is None:
             continue
         g_new, g_old = h_new // new_spec.group_size, h_old // old_spec.group_size
         pairs = {"q": (new.q[h_new], old.q[h_old]), "k": (new.k[g_new], old.k[g_old]), "v": (new.v[g_new], old.v[g_old])}
         for role, (w_new, w_old) in pairs.items():
-            if rope is not None and role in ("q", "k"):
-                maps[role][h_new] = rope
+            if rope and role in ("q", "k"):
+                cross[g_new] += (w_new.float() @ t) @ w_old.float().T
             else:
                 maps[role][h_new] = procrustes_map(w_new.float() @ t, w_old.float())
+    if rope:
+        rotary = [rope_dim_map(hd_o, hd_n, old_spec.rotary_dim or hd_o, new_spec.rotary_dim or hd_n,
+                               old_spec.rope_theta, new_spec.rope_theta, c) for c in cross]
+        for h_new, h_old in enumerate(head_map):
+            if h_old is not None:
+                maps["q"][h_new] = maps["k"][h_new] = rotary[h_new // new_spec.group_size]
     return maps
