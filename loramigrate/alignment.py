@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from loramigrate.arch import ModelSpec
+from loramigrate.arch import ROLES, ModelSpec
 from loramigrate.errors import ArtifactError
 
 TENSORS = "alignment.safetensors"
@@ -53,16 +53,22 @@ class ModelProfile:
     """What transfer needs of a base model, so that it never reloads the old one.
 
     norms (L, 2, hidden): pre-norm scales before attention and MLP (ones for post-norm models);
-    weight_norms (L, 7): Frobenius norm of each projection, norm scale folded in, ``arch.ROLES`` order.
+    unit_norms: ``arch.ROLES`` role → (L, units), squared Frobenius norm of each head or neuron of the projection,
+        norm scale folded in (``arch.unit_norms``).
     final_norm (hidden,): scale of the norm after the last block (ones when none or not recorded).
     """
 
     norms: torch.Tensor
-    weight_norms: torch.Tensor
+    unit_norms: dict[str, torch.Tensor]
     final_norm: torch.Tensor | None = None
 
     def final_scale(self) -> torch.Tensor:
         return self.final_norm if self.final_norm is not None else torch.ones(self.norms.shape[-1])
+
+    def weight_norm_sq(self, layer: int, role: str, live: torch.Tensor | None = None) -> float:
+        """‖W‖² of a projection of ``layer``, over the units ``live`` marks (a bool mask) or all of them."""
+        units = self.unit_norms[role][layer]
+        return float(units.sum() if live is None else units[live].sum())
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ def save_alignment(a: Alignment, out_dir: Path) -> None:
                "layer_map": _none_to_neg(a.layer_map)}
     for side, prof in (("old", a.old_profile), ("new", a.new_profile)):
         tensors[f"{side}.norms"] = prof.norms.float().contiguous()
-        tensors[f"{side}.weight_norms"] = prof.weight_norms.float().contiguous()
+        tensors.update({f"{side}.unit_norms.{role}": u.float().contiguous() for role, u in prof.unit_norms.items()})
         tensors[f"{side}.final_norm"] = prof.final_scale().float().contiguous()
     for j, la in a.layers.items():
         tensors[f"layers.{j}.head_sim"] = la.head_sim.float().contiguous()
@@ -150,8 +156,8 @@ def load_alignment(align_dir: Path) -> Alignment:
         for j, src in enumerate(layer_map) if src is not None
     }
     info = {k: v for k, v in meta.items() if k not in ("old", "new", "layer_map", "head_map")}
-    profiles = {side: ModelProfile(norms=t[f"{side}.norms"], weight_norms=t[f"{side}.weight_norms"],
-                                   final_norm=t.get(f"{side}.final_norm"))
+    profiles = {side: ModelProfile(norms=t[f"{side}.norms"], final_norm=t.get(f"{side}.final_norm"),
+                                   unit_norms={role: t[f"{side}.unit_norms.{role}"] for role in ROLES})
                 for side in ("old", "new")}
     return Alignment(old=ModelSpec(**meta["old"]), new=ModelSpec(**meta["new"]), cka=t["cka"],
                      layer_map=layer_map, transfer=t["transfer"], layers=layers, old_profile=profiles["old"],

@@ -262,27 +262,33 @@ def layer_weights(model: nn.Module, spec: ModelSpec, layer: int, fold_norms: boo
                         up=up, down=down, gate=gate)
 
 
-def model_profile(model: nn.Module, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unit_norms(w: LayerWeights) -> dict[str, torch.Tensor]:
+    """Squared Frobenius norm of each unit of each projection: a head's rows (q; k and v per kv group), a head's
+    columns (o), a neuron's row (gate, up; zeros without a gate) or column (down)."""
+    return {"q": w.q.pow(2).sum((1, 2)), "k": w.k.pow(2).sum((1, 2)), "v": w.v.pow(2).sum((1, 2)),
+            "o": w.o.pow(2).sum((1, 2)), "gate": torch.zeros(w.up.shape[0]) if w.gate is None else w.gate.pow(2).sum(1),
+            "up": w.up.pow(2).sum(1), "down": w.down.pow(2).sum(0)}
+
+
+def model_profile(model: nn.Module, spec: ModelSpec
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """What transfer needs of a base model without loading it again.
 
     Returns:
         norms (L, 2, hidden): effective pre-norm scales in front of attention and MLP (ones when
-            post-norm); weight_norms (L, len(ROLES)): Frobenius norm of each projection with its norm
-            scale folded in (0 if absent), so update sizes compare across differently scaled norms;
+            post-norm); unit_norms, role → (L, units): ``unit_norms`` of each layer with its norm scale folded
+            in, so update sizes compare across differently scaled norms and over the units an update reaches;
         final_norm (hidden,): the scale of the norm after the last block, which task heads read through.
     """
     norms = torch.ones(spec.n_layers, 2, spec.hidden)
-    weight_norms = torch.zeros(spec.n_layers, len(ROLES))
+    units = []
     for i, block in enumerate(model.get_submodule(spec.layers_path)):
         for k, key in enumerate(("attn_in", "mlp_in")):
             if key in spec.norms:
                 norms[i, k] = norm_scale(block.get_submodule(spec.norms[key]), spec.hidden)
-        w = layer_weights(model, spec, i)
-        for r, role in enumerate(ROLES):
-            tensor = getattr(w, role)
-            weight_norms[i, r] = 0.0 if tensor is None else float(tensor.norm())
+        units.append(unit_norms(layer_weights(model, spec, i)))
     final = norm_scale(model.get_submodule(spec.final_norm), spec.hidden) if spec.final_norm else torch.ones(spec.hidden)
-    return norms, weight_norms, final
+    return norms, {role: torch.stack([u[role] for u in units]) for role in ROLES}, final
 
 
 def input_embeddings(model: nn.Module) -> torch.Tensor:

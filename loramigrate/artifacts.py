@@ -35,7 +35,7 @@ MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 # the format of each stage's directory: bump a stage's number when what it writes changes meaning, so
 # that directories of that stage written before are redone, and a mere release invalidates nothing
-SCHEMAS = {"align": 2, "transfer": 1, "search": 1, "finetune": 1, "eval": 2}
+SCHEMAS = {"align": 3, "transfer": 1, "search": 1, "finetune": 1, "eval": 2}
 
 
 def sha256_file(path: Path) -> str:

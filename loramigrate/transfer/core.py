@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from loramigrate.adapters import LoraAdapter, LoraModule
-from loramigrate.alignment import Alignment
-from loramigrate.arch import ROLES
+from loramigrate.alignment import Alignment, LayerAlignment
+from loramigrate.arch import ROLES, ModelSpec
 from loramigrate.errors import IncompatibleModelsError
 from loramigrate.lora import NORM_SLOT, Delta, locate, map_factors, pseudo_inverse, refactor, wrapper_prefix
 
@@ -82,16 +82,28 @@ def _alpha_for_scale(scale: float, rank: int, rslora: bool) -> float:
     return scale * (rank**0.5 if rslora else rank)
 
 
+def live_units(la: LayerAlignment, new: ModelSpec, role: str) -> torch.Tensor:
+    """Which heads (q, o), kv groups (k, v) or neurons (gate, up, down) of a new layer receive an update: those
+    with a source."""
+    if role in ("gate", "up", "down"):
+        return la.mlp_map >= 0
+    heads = torch.tensor([src is not None for src in la.head_map])
+    return heads.view(new.n_kv_heads, -1).any(1) if role in ("k", "v") else heads
+
+
 def _calibrate(delta: Delta, old_delta: Delta, alignment: Alignment, i: int, j: int, role: str, keep: bool,
                row: dict) -> Delta:
     """Rescale so that ‖ΔW_new‖/‖W_new‖ = ‖ΔW_old‖/‖W_old‖ (when ``keep``); record both ratios.
 
-    Both are measured with the pre-norm scale folded into the input side, as the weight norms are.
+    ‖W_new‖ counts only the units the update reaches (``live_units``): new heads or neurons without a source,
+    silenced or not, take no part in it. Both are measured with the pre-norm scale folded into the input side,
+    as the weight norms are.
     """
     slot = NORM_SLOT.get(role)
-    parts = [ROLES.index(p) for p in (("q", "k", "v") if role == "qkv" else (role,))]
-    w_old = float(alignment.old_profile.weight_norms[i, parts].pow(2).sum().sqrt())
-    w_new = float(alignment.new_profile.weight_norms[j, parts].pow(2).sum().sqrt())
+    parts = ("q", "k", "v") if role == "qkv" else (role,)
+    la = alignment.layers[j]
+    w_old = sum(alignment.old_profile.weight_norm_sq(i, p) for p in parts) ** 0.5
+    w_new = sum(alignment.new_profile.weight_norm_sq(j, p, live_units(la, alignment.new, p)) for p in parts) ** 0.5
     g_old = alignment.old_profile.norms[i, slot] if slot is not None else None
     g_new = alignment.new_profile.norms[j, slot] if slot is not None else None
     n_old, n_new = old_delta.norm(g_old), delta.norm(g_new)
