@@ -176,7 +176,7 @@ def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: B
                 break
         else:
             log.append(row)
-        progress("finetune", step + 1, cfg.steps)
+        progress("finetune", step + 1, cfg.steps, f"loss {task:.3f}")
     if cfg.restart_every:
         fold_restarts(factors, rank=next(iter(factors.values())).a.shape[0])
     return log, hit
