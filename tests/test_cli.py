@@ -85,8 +85,8 @@ def test_the_lr_schedule_is_a_schedule():
 def test_an_unknown_choice_is_refused_with_the_choices(command):
     name, field = next((n, f) for n, f in fields(COMMANDS[command]).items() if get_origin(f.annotation) is Literal)
     result = runner.invoke(app, [command, *REQUIRED[command], f"--{name.replace('_', '-')}", "bogus"])
-    assert result.exit_code == 2 and "is not one of" in result.stderr, result.output
-    assert all(repr(c) in " ".join(result.stderr.split()).replace("│ ", "") for c in get_args(field.annotation))
+    assert result.exit_code == 1 and "is not one of" in result.stderr, result.output
+    assert all(repr(c) in result.stderr for c in get_args(field.annotation))
 
 
 @pytest.fixture()

@@ -15,6 +15,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from loramigrate.errors import LoramigrateError
@@ -46,6 +47,16 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
+def debugging() -> bool:
+    """LORAMIGRATE_DEBUG=1: let errors propagate with their traceback."""
+    return os.environ.get("LORAMIGRATE_DEBUG") == "1"
+
+
+def print_error(message: str) -> None:
+    """The error contract's one red line on stderr."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def handle_errors(fn: F) -> F:
     """User errors become one red line on stderr and exit code 1; LORAMIGRATE_DEBUG=1 re-raises."""
 
@@ -54,9 +65,9 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (LoramigrateError, ValidationError) as e:
-            if os.environ.get("LORAMIGRATE_DEBUG") == "1":
+            if debugging():
                 raise
-            err_console.print(f"[bold red]error:[/] {_one_line(e)}", highlight=False, soft_wrap=True)
+            print_error(_one_line(e))
             raise typer.Exit(code=1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -1,11 +1,13 @@
 """The `loramigrate` typer app: global options and one command per stage."""
 
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from loramigrate import __version__
-from loramigrate.cli._ui import setup_logging
+from loramigrate.cli._ui import debugging, print_error, setup_logging
 from loramigrate.cli.align import EXAMPLES as ALIGN_EXAMPLES
 from loramigrate.cli.align import align
 from loramigrate.cli.demo import demo
@@ -20,10 +22,31 @@ from loramigrate.cli.search import search
 from loramigrate.cli.transfer import EXAMPLES as TRANSFER_EXAMPLES
 from loramigrate.cli.transfer import transfer
 
+
+class Cli(TyperGroup):
+    """The app. Options typer cannot parse (a value of the wrong type, an unknown choice, a missing option) follow
+    the one error contract too: one red line and exit code 1, not click's usage box and exit code 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:  # standalone_mode=False: click raises usage errors instead of printing them and exiting
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as e:  # click's usage errors derive from it
+            if debugging():
+                raise
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            # typer checks values with pydantic, whose messages start "Value error, "
+            print_error(f"{e.format_message().replace('Value error, ', '').rstrip('.')}{hint}")
+            code = 1
+        if standalone_mode:
+            sys.exit(code if isinstance(code, int) else 0)  # a command returns None; an Exit returns its code
+        return code
+
+
 app = typer.Typer(
     name="loramigrate",
     help="Migrate LoRA adapters across base-model upgrades. Results go to stdout, everything else to stderr.",
-    no_args_is_help=True,
+    cls=Cli,
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
@@ -35,14 +58,18 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def main(
+    ctx: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only, no progress bars.")] = False,
     version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                  help="Print the version and exit.")] = None,
 ) -> None:
     """loramigrate: align → transfer → search → finetune → eval."""
+    if ctx.invoked_subcommand is None:  # no command: the overview, as --help gives it
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
     setup_logging(verbose, quiet)
 
 
