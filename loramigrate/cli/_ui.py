@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from loramigrate.config import explain
 from loramigrate.errors import LoramigrateError
 from loramigrate.progress import ProgressFn, no_progress
 
@@ -40,10 +41,7 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
 
 def _one_line(e: Exception) -> str:
     if isinstance(e, ValidationError):
-        # a cross-field rule (model validator) has no field to name
-        parts = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
-                 for err in e.errors()]
-        return "invalid configuration: " + "; ".join(parts)
+        return f"invalid configuration: {explain(e)}"
     return " ".join(str(e).split())
 
 

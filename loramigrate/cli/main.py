@@ -4,9 +4,10 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from loramigrate import __version__
+from loramigrate.cli._options import flag
 from loramigrate.cli._ui import debugging, print_error, setup_logging
 from loramigrate.cli.align import EXAMPLES as ALIGN_EXAMPLES
 from loramigrate.cli.align import align
@@ -22,8 +23,30 @@ from loramigrate.cli.search import search
 from loramigrate.cli.transfer import EXAMPLES as TRANSFER_EXAMPLES
 from loramigrate.cli.transfer import transfer
 
+DEMO_EXAMPLES = """
+Examples:
 
-class Cli(TyperGroup):
+  loramigrate demo
+
+  loramigrate demo -o /tmp/demo
+"""
+
+
+class _HelpFlag:
+    """--help takes no value: its help shows none (typer's rich help would draw ``<bool>``)."""
+
+    def get_help_option(self, ctx: typer.Context) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Command(_HelpFlag, TyperCommand):
+    """A stage command."""
+
+
+class Cli(_HelpFlag, TyperGroup):
     """The app. Options typer cannot parse (a value of the wrong type, an unknown choice, a missing option) follow
     the one error contract too: one red line and exit code 1, not click's usage box and exit code 2."""
 
@@ -61,10 +84,10 @@ def _version(value: bool) -> None:
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only, no progress bars.")] = False,
-    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
-                                                 help="Print the version and exit.")] = None,
+    verbose: Annotated[bool, flag("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, flag("--quiet", "-q", help="Warnings and errors only, no progress.")] = False,
+    version: Annotated[bool | None, flag("--version", callback=_version, is_eager=True,
+                                         help="Print the version and exit.")] = None,
 ) -> None:
     """loramigrate: align → transfer → search → finetune → eval."""
     if ctx.invoked_subcommand is None:  # no command: the overview, as --help gives it
@@ -73,10 +96,10 @@ def main(
     setup_logging(verbose, quiet)
 
 
-app.command()(demo)
-app.command(epilog=RUN_EXAMPLES)(run)
-app.command(epilog=ALIGN_EXAMPLES)(align)
-app.command(epilog=TRANSFER_EXAMPLES)(transfer)
-app.command(epilog=SEARCH_EXAMPLES)(search)
-app.command(epilog=FINETUNE_EXAMPLES)(finetune)
-app.command("eval", epilog=EVAL_EXAMPLES)(evaluate)
+app.command(cls=Command, epilog=DEMO_EXAMPLES)(demo)
+app.command(cls=Command, epilog=RUN_EXAMPLES)(run)
+app.command(cls=Command, epilog=ALIGN_EXAMPLES)(align)
+app.command(cls=Command, epilog=TRANSFER_EXAMPLES)(transfer)
+app.command(cls=Command, epilog=SEARCH_EXAMPLES)(search)
+app.command(cls=Command, epilog=FINETUNE_EXAMPLES)(finetune)
+app.command("eval", cls=Command, epilog=EVAL_EXAMPLES)(evaluate)
