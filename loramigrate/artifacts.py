@@ -24,6 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import yaml
+from pydantic import BaseModel
+
 from loramigrate import __version__
 from loramigrate.adapters import check_written_adapter
 from loramigrate.errors import ArtifactError
@@ -73,6 +76,19 @@ def hash_inputs(inputs: Mapping[str, str]) -> dict[str, dict[str, str]]:
 
 def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def log_start(stage: str, out_dir: Path, cfg: BaseModel, config: Mapping[str, Any] | None = None) -> None:
+    """One INFO line for a stage that starts: what, where, and the options that differ from the defaults; the
+    whole resolved ``config`` (default: ``cfg``'s) at DEBUG (-v)."""
+    given = ", ".join(f"{k}={v}" for k, v in _flat(cfg.model_dump(exclude_defaults=True)))
+    log.info("%s → %s%s", stage, out_dir, f" ({given})" if given else "")
+    log.debug("%s config:\n%s", stage, yaml.safe_dump(dict(config or cfg.model_dump()), sort_keys=False))
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        yield from _flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else [(prefix + k, v)]
 
 
 def peak_rss_mb() -> float:
@@ -287,7 +303,7 @@ def stage_output(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    log.info("wrote %s", out_dir)
+    log.info("wrote %s in %.1f s", out_dir, time.time() - run.started)
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

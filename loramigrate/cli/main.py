@@ -84,7 +84,8 @@ def _version(value: bool) -> None:
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    verbose: Annotated[bool, flag("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[bool, flag("--verbose", "-v", help="Debug logging: each stage's whole config, model loads, "
+                                  "chosen maps, checkpoints, timings, and library warnings in full.")] = False,
     quiet: Annotated[bool, flag("--quiet", "-q", help="Warnings and errors only, no progress.")] = False,
     version: Annotated[bool | None, flag("--version", callback=_version, is_eager=True,
                                          help="Print the version and exit.")] = None,

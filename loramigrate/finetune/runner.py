@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
 from loramigrate.adapters import check_adapter_dir
 from loramigrate.arch import model_spec
@@ -19,6 +18,7 @@ from loramigrate.artifacts import (
     config_hash,
     hash_inputs,
     is_up_to_date,
+    log_start,
     output_lock,
     prepare_output,
     stage_output,
@@ -29,7 +29,7 @@ from loramigrate.evaluate import METRIC, Task, read_task, task_metrics
 from loramigrate.finetune.loop import train
 from loramigrate.finetune.objective import OBJECTIVES, Distill, mean_loss
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
-from loramigrate.models import ModelRef, load_tokenizer, load_with_new_modules, resolve_model
+from loramigrate.models import ModelRef, attach_adapter, load_tokenizer, load_with_new_modules, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _split(cfg: FinetuneConfig) -> tuple[Task, list[dict]]:
 
 def _peft_model(cfg: FinetuneConfig, base, new_modules: list[str], classification: bool):
     """A fresh LoRA (saving ``new_modules``, those the base's checkpoint lacked) or ``cfg.init``, trainable."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     if cfg.init == "fresh":
         targets = cfg.targets or sorted(set(model_spec(base).modules.values()))
@@ -89,7 +89,7 @@ def _peft_model(cfg: FinetuneConfig, base, new_modules: list[str], classificatio
         except ValueError as e:  # e.g. target modules the base does not have
             raise ConfigError(f"--targets {','.join(targets)}: {str(e).splitlines()[0][:200]}") from None
     try:
-        model = PeftModel.from_pretrained(base, cfg.init, is_trainable=True)
+        model = attach_adapter(base, cfg.init, is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ArtifactError(f"--init {cfg.init} does not fit the base {cfg.base}: {str(e).splitlines()[0][:200]}") from None
     return model
@@ -123,7 +123,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
         log.info("%s is up to date; skipping finetune (use --force to redo)", out_dir)
         return False
     with output_lock(out_dir):
-        log.info("finetune config:\n%s", yaml.safe_dump(config, sort_keys=False))
+        log_start(STAGE, out_dir, cfg)
         ckpt_dir = checkpoint_dir(out_dir, config, inputs, fresh=force)
         _finetune(cfg, ref, task, val_rows, out_dir, ckpt_dir, inputs, progress)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
