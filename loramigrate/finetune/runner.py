@@ -31,6 +31,7 @@ from loramigrate.finetune.objective import OBJECTIVES, Distill, mean_loss
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
 from loramigrate.models import ModelRef, attach_adapter, load_tokenizer, load_with_new_modules, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
+from loramigrate.report import plot_curve
 
 log = logging.getLogger(__name__)
 STAGE = "finetune"
@@ -164,6 +165,7 @@ def _finetune(cfg: FinetuneConfig, ref: ModelRef, task: Task, val_rows: list[dic
                 **({"kl": mean_loss(kl, m, val_rows, cfg.batch_size)} if kl else {})}
 
     batch_loss = OBJECTIVES[task.kind](tok, task, cfg.max_len, distill)
+    initial = evaluate(model.eval())  # the init as it is: the curve's baseline at step 0
     with stage_output(out_dir, STAGE, cfg.model_dump(), inputs) as run:
         try:
             history, hit = train(model, task.rows, cfg, batch_loss, evaluate, ckpt_dir, progress)
@@ -175,7 +177,9 @@ def _finetune(cfg: FinetuneConfig, ref: ModelRef, task: Task, val_rows: list[dic
             peft_config.modules_to_save = list(dict.fromkeys(peft_config.modules_to_save))
         model.save_pretrained(run.tmp_dir)
         (run.tmp_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        plot_curve(history, run.tmp_dir / "curve.png")
+        plot_curve([{"step": 0, "s": 0.0, **{f"val_{k}": v for k, v in initial.items()}}, *history],
+                   run.tmp_dir / "curve.png")
+        run.extra["initial"] = initial
         run.extra["time_to_target"] = hit
         run.extra["final"] = next((r for r in reversed(history) if "val_loss" in r), None)
 
@@ -193,29 +197,3 @@ def _distillation(cfg: FinetuneConfig, student, tok, task: Task, val_rows: list[
                             progress, what)
     task = replace(task, rows=fill(task.rows, "training"))
     return task, fill(val_rows, "validation"), Distill(teacher.logits, cfg.distill_temperature, cfg.distill_weight)
-
-
-def plot_curve(history: list[dict], path: Path) -> None:
-    """Training and validation loss and the validation metric, against steps and against seconds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    evals = [r for r in history if "val_loss" in r]
-    metric = next((k for k in ("val_exact_match", "val_accuracy") if evals and k in evals[0]), None)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, x in zip(axes, ("step", "s"), strict=True):
-        ax.plot([r[x] for r in history], [r["loss"] for r in history], lw=1, label="train loss")
-        ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
-        ax.set_xlabel("step" if x == "step" else "seconds")
-        ax.set_ylabel("loss")
-        if metric:
-            twin = ax.twinx()
-            twin.plot([r[x] for r in evals], [r[metric] for r in evals], "s--", color="green", label=metric[4:])
-            twin.set_ylabel(metric[4:])
-            twin.set_ylim(0, 1)
-    fig.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
