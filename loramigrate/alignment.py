@@ -7,6 +7,7 @@ and diffable). Head and neuron maps use -1 in tensors and null in JSON for "no s
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from loramigrate.arch import ROLES, ModelSpec
 from loramigrate.errors import ArtifactError
+
+log = logging.getLogger(__name__)
 
 TENSORS = "alignment.safetensors"
 META = "alignment.json"
@@ -123,6 +126,13 @@ def save_alignment(a: Alignment, out_dir: Path) -> None:
         **{k: v for k, v in a.info.items() if k != "timings"},
     }
     (out_dir / META).write_text(json.dumps(meta, indent=2))
+    log.debug("layer map, new ← old: %s", _describe_layer_map(a.layer_map))
+    log.debug("head maps, new layer: old head per new head: %s", {j: la.head_map for j, la in a.layers.items()})
+
+
+def _describe_layer_map(layer_map: list[int | None]) -> str:
+    """``0←0 1←- 2←1``: each new layer with its source layer (- none)."""
+    return " ".join(f"{j}←{'-' if i is None else i}" for j, i in enumerate(layer_map))
 
 
 def load_alignment(align_dir: Path) -> Alignment:
@@ -159,6 +169,7 @@ def load_alignment(align_dir: Path) -> Alignment:
     profiles = {side: ModelProfile(norms=t[f"{side}.norms"], final_norm=t.get(f"{side}.final_norm"),
                                    unit_norms={role: t[f"{side}.unit_norms.{role}"] for role in ROLES})
                 for side in ("old", "new")}
+    log.debug("%s: layer map, new ← old: %s", align_dir, _describe_layer_map(layer_map))
     return Alignment(old=ModelSpec(**meta["old"]), new=ModelSpec(**meta["new"]), cka=t["cka"],
                      layer_map=layer_map, transfer=t["transfer"], layers=layers, old_profile=profiles["old"],
                      new_profile=profiles["new"], info=info)

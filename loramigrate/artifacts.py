@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import sys
@@ -23,6 +24,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import yaml
+from pydantic import BaseModel
 
 from loramigrate import __version__
 from loramigrate.adapters import check_written_adapter
@@ -75,9 +79,37 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def log_start(stage: str, out_dir: Path, cfg: BaseModel, config: Mapping[str, Any] | None = None) -> None:
+    """One INFO line for a stage that starts: what, where, and the options that differ from the defaults; the
+    whole resolved ``config`` (default: ``cfg``'s) at DEBUG (-v)."""
+    given = ", ".join(f"{k}={v}" for k, v in _flat(cfg.model_dump(exclude_defaults=True)))
+    log.info("%s → %s%s", stage, out_dir, f" ({given})" if given else "")
+    log.debug("%s config:\n%s", stage, yaml.safe_dump(dict(config or cfg.model_dump()), sort_keys=False))
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        yield from _flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else [(prefix + k, v)]
+
+
+def reset_peak_rss() -> str:
+    """Start measuring one stage's peak memory: Linux resets the process's high-water mark (VmHWM) when 5 is
+    written to /proc/self/clear_refs. Returns what ``peak_rss_mb`` then covers: "stage", or "process" where
+    the mark cannot be reset (another OS, a restricted /proc)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return "process"
+    return "stage"
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory in MiB since the last ``reset_peak_rss`` (Linux's VmHWM), else of the process so far."""
+    try:
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any]:
@@ -112,6 +144,7 @@ class StageRun:
     inputs: dict[str, dict[str, str]]  # from hash_inputs
     tmp_dir: Path
     started: float = field(default_factory=time.time)
+    peak_of: str = "process"  # what peak_rss_mb covers: this stage (its lock reset the mark), or the process
     extra: dict[str, Any] = field(default_factory=dict)
 
     def manifest(self) -> dict[str, Any]:
@@ -128,6 +161,7 @@ class StageRun:
             "finished": datetime.now(timezone.utc).isoformat(),
             "wall_s": round(time.time() - self.started, 3),
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_of": self.peak_of,
             **self.extra,
         }
 
@@ -183,7 +217,9 @@ def is_up_to_date(out_dir: Path, stage: str, config: Mapping[str, Any], inputs: 
     return set(recorded) == set(inputs) and all(recorded[k].get("sha256") == v["sha256"] for k, v in inputs.items())
 
 
-_HELD: set[Path] = set()  # outputs this process holds the lock of; a runner's stage_output re-enters it
+# outputs this process holds the lock of (a runner's stage_output re-enters it) → when the stage took it, and what
+# the peak memory measured since covers: a stage's time and memory count from its lock, model loading included
+_HELD: dict[Path, tuple[float, str]] = {}
 
 
 @contextlib.contextmanager
@@ -200,12 +236,12 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         return
     path = key.with_name(f"{key.name}.lock")
     fd = _lock(path, out_dir)
-    _HELD.add(key)
+    _HELD[key] = (time.time(), reset_peak_rss())
     try:
         remove_leftovers(key)
         yield
     finally:
-        _HELD.discard(key)
+        del _HELD[key]
         path.unlink(missing_ok=True)  # before closing: a process waiting on this inode retries on a new one
         os.close(fd)
 
@@ -278,7 +314,8 @@ def stage_output(
         tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        run = StageRun(stage=stage, config=config, inputs=inputs, tmp_dir=tmp)
+        started, peak_of = _HELD[out_dir.absolute()]
+        run = StageRun(stage=stage, config=config, inputs=inputs, tmp_dir=tmp, started=started, peak_of=peak_of)
         try:
             yield run
             check_written_adapter(tmp, stage)
@@ -287,7 +324,7 @@ def stage_output(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    log.info("wrote %s", out_dir)
+    log.info("wrote %s in %.1f s (peak RSS %.0f MB)", out_dir, time.time() - run.started, peak_rss_mb())
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

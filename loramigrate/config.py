@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 METRICS = ("loss", "exact_match", "accuracy")
 
@@ -31,6 +31,39 @@ def parse_target(text: str | None) -> tuple[str, float] | None:
     if name.strip() not in METRICS or not math.isfinite(number):
         raise ValueError(f"{text!r}: expected METRIC=VALUE with METRIC one of {', '.join(METRICS)}")
     return name.strip(), number
+
+
+def unknown_key(key: str, known: object) -> str:
+    return f"unknown key `{key}`; known keys: {', '.join(known)}"
+
+
+def explain(e: ValidationError, model: type[BaseModel] | None = None, prefix: str = "") -> str:
+    """pydantic's errors in one line, each named by its key (``prefix`` + its path); an unknown key of ``model``
+    lists the keys known at its level."""
+    parts = []
+    for err in e.errors():
+        key = prefix + ".".join(map(str, err["loc"]))
+        if err["type"] == "extra_forbidden" and model is not None:
+            parts.append(unknown_key(key, _fields_at(model, err["loc"][:-1])))
+            continue
+        # a validator's own message, not pydantic's "Value error, …" around it; a cross-field rule names no key
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        parts.append(f"{key}: {msg}" if err["loc"] else msg)
+    return "; ".join(parts)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys ``model`` takes at ``loc``, a nested config's as ``load.dtype``."""
+    for name in loc:
+        model = model.model_fields[name].annotation
+    return [f"{name}.{sub}" if is_config(field.annotation) else name
+            for name, field in model.model_fields.items()
+            for sub in (field.annotation.model_fields if is_config(field.annotation) else [""])]
+
+
+def is_config(annotation: object) -> bool:
+    """Whether a field holds a nested config (``load``)."""
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 class _Config(BaseModel):

@@ -241,9 +241,7 @@ def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: i
                    progress: ProgressFn = no_progress, include_base: bool = True) -> list[EvalResult]:
     """The base alone (``include_base``), then base + each adapter; the base is loaded once and
     adapters are swapped in and out."""
-    from peft import PeftModel
-
-    from loramigrate.models import load_model, load_tokenizer, resolve_model
+    from loramigrate.models import attach_adapter, load_model, load_tokenizer, resolve_model
 
     for adapter in adapters:
         check_adapter_dir(adapter)
@@ -261,7 +259,7 @@ def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: i
                                   sum(correct) / len(correct), correct))
     for adapter in adapters:
         try:
-            model = PeftModel.from_pretrained(base, adapter).eval()
+            model = attach_adapter(base, adapter).eval()
         except (RuntimeError, ValueError, KeyError) as e:
             log.warning("%s does not load on %s: %s", adapter, base_ref, str(e).splitlines()[0][:200])
             continue

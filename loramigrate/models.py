@@ -6,6 +6,8 @@ import functools
 import json
 import logging
 import re
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,18 +153,24 @@ def load_with_new_modules(ref: ModelRef, dtype: Dtype = "auto", device: Device =
     kwargs: dict = ref.load_kwargs
     if num_labels is not None:
         cls, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels
+    started = time.perf_counter()
     try:
         model, info = cls.from_pretrained(ref.source, dtype=resolve_dtype(dtype, dev), output_loading_info=True,
                                           **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"cannot load model {ref.path}: {first}") from e
-    log.info("loaded %s (%s, %.1fM params)", ref.path, type(model).__name__,
-             sum(p.numel() for p in model.parameters()) / 1e6)
+    new = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})
+    # transformers' load report (shown with -v) lists these as MISSING: expected for a task head the checkpoint
+    # never had; an adapter that saved one brings its own
+    fresh = f"; new, initialised at random: {', '.join(new)}" if new else ""
+    log.info("loaded %s (%s, %.1fM params%s)", ref.path, type(model).__name__,
+             sum(p.numel() for p in model.parameters()) / 1e6, fresh)
+    log.debug("%s: %s on %s in %.1f s", ref.path, resolve_dtype(dtype, dev), dev, time.perf_counter() - started)
     if num_labels is not None and model.config.pad_token_id is None:
         # causal-LM classifiers pool the last non-pad token, so they need the pad id the tokenizer pads with
         model.config.pad_token_id = load_tokenizer(ref).pad_token_id
-    return model.to(dev).eval(), sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", ())})
+    return model.to(dev).eval(), new
 
 
 def load_tokenizer(ref: ModelRef):  # -> transformers.PreTrainedTokenizerBase
@@ -211,14 +219,33 @@ def load_pair(base: str, adapter: str, dtype: Dtype = "auto", device: Device = "
     Raises:
         ArtifactError: the base or the adapter cannot be loaded, or the adapter does not fit the base.
     """
-    from peft import PeftModel
-
     ref = resolve_model(base)
     check_adapter_dir(adapter)
     model = load_model(ref, dtype, device, num_labels=num_labels)
     try:
-        pair = PeftModel.from_pretrained(model, adapter)
+        pair = attach_adapter(model, adapter)
     except (RuntimeError, ValueError, KeyError) as e:
         problem = " ".join(str(e).split())[:240]  # PyTorch names the mismatched tensors after a header line
         raise ArtifactError(f"{adapter} does not load on {base}: {problem}") from None
     return pair.requires_grad_(False).eval()
+
+
+def attach_adapter(model: nn.Module, adapter: str | Path, **kwargs):  # -> peft.PeftModel
+    """``PeftModel.from_pretrained``, with PEFT's warning about adapter keys missing from the file (kilobytes on
+    one line: every LoRA tensor of a new base's layers the adapter never had, as when an old adapter is
+    evaluated as is on a deeper base) turned into one line; -v logs PEFT's text in full."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        pair = PeftModel.from_pretrained(model, str(adapter), **kwargs)
+    for w in caught:
+        text = str(w.message)
+        if not text.startswith("Found missing adapter keys"):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        modules = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in re.findall(r"'([^']+)'", text)})
+        log.info("%s has no weights for %d LoRA modules of %s (e.g. %s), which keep PEFT's initialisation "
+                 "(expected when the adapter comes from a shallower base)", adapter, len(modules),
+                 getattr(model, "name_or_path", "this base"), modules[0])
+        log.debug("%s", text)
+    return pair

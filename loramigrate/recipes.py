@@ -23,10 +23,17 @@ from loramigrate.config import (
     SearchConfig,
     TransferConfig,
     _Config,
+    explain,
+    unknown_key,
 )
 from loramigrate.errors import ConfigError
 
-STAGES = ("align", "transfer", "search", "finetune", "eval")
+CONFIGS = {"align": AlignConfig, "transfer": TransferConfig, "search": SearchConfig, "finetune": FinetuneConfig,
+           "eval": EvalConfig}
+STAGES = tuple(CONFIGS)
+# the fields `run` fills from the recipe's models and data and from the stage before: no section sets them
+LINKS = {"align": ("old", "new"), "transfer": ("align", "adapter"), "search": ("align", "transfer", "data"),
+         "finetune": ("base", "init", "data", "val"), "eval": ()}
 
 
 def cache_dir() -> Path:
@@ -92,11 +99,14 @@ class Recipe(_Config):
                   "finetune": lambda: self.finetune is None or self.finetune_config("INIT", "ADAPTER"),
                   "eval": self.eval_config}
         for section, build in builds.items():
+            known = [k for k in CONFIGS[section].model_fields if k not in LINKS[section]]
+            for key in getattr(self, section) or {}:
+                if key not in known:
+                    raise ValueError(unknown_key(f"{section}.{key}", known))
             try:
                 build()
             except ValidationError as e:
-                err = e.errors()[0]
-                raise ValueError(f"{section}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+                raise ValueError(explain(e, CONFIGS[section], f"{section}.")) from None
         return self
 
     def _section(self, name: str) -> dict[str, Any]:
@@ -192,5 +202,4 @@ def load_recipe(path: str | Path, overrides: list[str] = (), adapters: list[str]
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"recipe {path}: {problems}") from None
+        raise ConfigError(f"recipe {path}: {explain(e, Recipe)}") from None

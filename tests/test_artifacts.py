@@ -6,6 +6,7 @@ left by killed processes, adapters that are not finite.
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -32,6 +33,22 @@ def test_the_manifest_records_what_auto_resolved_to(tmp_path):
     manifest = write_stage(tmp_path / "out")
     assert manifest["runtime"] == {"dtype": "float32", "device": "cpu"}  # the test machines have no CUDA
     assert manifest["schema"] == artifacts.SCHEMAS["align"]
+
+
+def test_each_stage_records_its_own_peak_memory(tmp_path):
+    """The process peak would give every stage the peak of the largest one before it (the report showed one
+    figure for all four); each stage's lock resets the high-water mark on Linux, or the manifest says "process"."""
+    with stage_output(tmp_path / "big", "align", LOAD, {}) as run:
+        held = torch.ones(400 * 2**20 // 4)  # 400 MiB, touched
+        (run.tmp_dir / "result.txt").write_text(str(float(held[-1])))
+    del held
+    big = json.loads((tmp_path / "big" / artifacts.MANIFEST).read_text())
+    small = write_stage(tmp_path / "small")
+    resettable = os.path.exists("/proc/self/clear_refs")
+    assert big["peak_rss_of"] == small["peak_rss_of"] == ("stage" if resettable else "process")
+    assert big["peak_rss_mb"] > 400
+    if resettable:
+        assert small["peak_rss_mb"] < big["peak_rss_mb"] - 300
 
 
 def test_the_schema_not_the_release_decides_validity(tmp_path, monkeypatch):

@@ -51,6 +51,8 @@ def test_finetune_learns_and_writes_its_artifacts(tiny_models, task, tmp_path):
     evals = [r for r in history if "val_loss" in r]
     assert len(history) == 30 and len(evals) == 3
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and history[-1]["loss"] < history[0]["loss"]
+    initial = json.loads((out / "manifest.json").read_text())["initial"]  # the init before training: the baseline
+    assert initial["loss"] > evals[0]["val_loss"]
     for name in ("adapter_config.json", "adapter_model.safetensors", "curve.png", "manifest.json"):
         assert (out / name).is_file(), name
     assert not list(tmp_path.glob("ft.ckpt-*"))  # the checkpoint goes once the stage is complete

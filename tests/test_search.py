@@ -324,7 +324,8 @@ def manifest(out):
     return json.loads((out / "manifest.json").read_text())["search"]
 
 
-def test_the_space_keeps_beta_where_the_weights_only_drifted_and_drops_it_elsewhere(pair, known_upgrade, tmp_path):
+def test_the_space_keeps_beta_where_the_weights_only_drifted_and_drops_it_elsewhere(pair, known_upgrade, tmp_path,
+                                                                                     recwarn):
     from loramigrate.alignment import load_alignment
 
     def auto_beta(old, new, name):
@@ -341,10 +342,12 @@ def test_the_space_keeps_beta_where_the_weights_only_drifted_and_drops_it_elsewh
     # end to end on the unrelated pair: no β trial, the bases never loaded for it, the space recorded
     adapter = make_lora(unrelated[0], tmp_path / "lora", targets=TARGETS)
     cli("transfer", "--align", tmp_path / "unrelated", "--adapter", adapter, "-o", tmp_path / "transfer")
+    # α below 1 only: the range is widened to hold trial 0, the transfer as is, so Optuna has no point out of range
     out = tmp_path / "s"
     run_search(SearchConfig(align=str(tmp_path / "unrelated"), transfer=str(tmp_path / "transfer"),
-                            data=str(pair["data"]), limit=16, n_trials=2, space="global"), out)
-    assert manifest(out)["space"] == {"alpha": [0.5, 1.5]}
+                            data=str(pair["data"]), limit=16, n_trials=2, space="global", alpha_max=0.8), out)
+    assert manifest(out)["space"] == {"alpha": [0.5, 1.0]}
+    assert not [w for w in recwarn if "out of range" in str(w.message)]
     assert not (tmp_path / "unrelated" / "cache").exists()
 
 

@@ -13,21 +13,25 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from loramigrate.config import explain, is_config
+from loramigrate.errors import ConfigError
 from loramigrate.recipes import apply_overrides
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def flag(*names: str, **kwargs: Any) -> Any:
+    """A boolean option; it takes no value, so its help shows none (typer's rich help would draw ``<bool>``)."""
+    return typer.Option(*names, metavar="", **kwargs)
+
+
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output stage directory (written atomically).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its output is up to date.")]
+ForceOpt = Annotated[bool, flag("--force", help="Redo the stage even if its output is up to date.")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override an option: KEY=VALUE (VALUE as YAML, KEY as in a recipe section, e.g. load.dtype); "
     "applied after the options above.")]
-
-
-def _is_config(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _cli_type(annotation: Any) -> Any:
@@ -47,12 +51,12 @@ def config_options(config: type[BaseModel], given_only: bool = False) -> list[in
     params = []
     panel = config.model_config.get("title")
     for name, field in config.model_fields.items():
-        if _is_config(field.annotation):
+        if is_config(field.annotation):
             params += config_options(field.annotation, given_only)
             continue
         kind = _cli_type(field.annotation) | None if given_only else _cli_type(field.annotation)
         default = None if given_only else inspect.Parameter.empty if field.is_required() else field.default
-        option = typer.Option(help=field.description, rich_help_panel=panel)
+        option = (flag if field.annotation is bool else typer.Option)(help=field.description, rich_help_panel=panel)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[kind, option]))
     return params
@@ -60,7 +64,7 @@ def config_options(config: type[BaseModel], given_only: bool = False) -> list[in
 
 def _regroup(config: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
     """Flat option values → the config's nested layout."""
-    return {name: _regroup(field.annotation, values) if _is_config(field.annotation) else values[name]
+    return {name: _regroup(field.annotation, values) if is_config(field.annotation) else values[name]
             for name, field in config.model_fields.items()}
 
 
@@ -88,7 +92,11 @@ def with_config(config: type[BaseModel], given_only: bool = False, arg: str = "c
             if given_only:
                 return fn(**{arg: {k: v for k, v in values.items() if v is not None}}, **kwargs)
             raw = apply_overrides(_regroup(config, values), kwargs.pop("set_") or [])
-            return fn(**{arg: config.model_validate(raw)}, **kwargs)
+            try:
+                cfg = config.model_validate(raw)
+            except ValidationError as e:
+                raise ConfigError(f"invalid configuration: {explain(e, config)}") from None
+            return fn(**{arg: cfg}, **kwargs)
 
         command.__signature__ = inspect.Signature(params)  # what typer reads the options from
         command.__annotations__ = {p.name: p.annotation for p in params}

@@ -9,12 +9,12 @@ from loramigrate.config import AlignConfig
 EXAMPLES = """
 Examples:
 
-  loramigrate align --old models/qwen2.5-coder-0.5b --new models/qwen2.5-coder-1.5b -o runs/qwen/align
+  loramigrate align --old models/old --new models/new -o runs/pair/align
 
-  loramigrate align --old old_dir --new new.gguf --calib calib.jsonl --max-tokens 16384 -o runs/pair/align
+  loramigrate align --old old_dir --new new.gguf --calib calib.jsonl -o out
 
   # any option also as KEY=VALUE, with the keys of a recipe's align section
-  loramigrate align --old old_dir --new new_dir --set transfer=lstsq --set load.dtype=bfloat16 -o runs/pair/align
+  loramigrate align --old A --new B --set load.dtype=bfloat16 -o out
 """
 
 

@@ -15,15 +15,13 @@ from loramigrate.config import EvalConfig
 EXAMPLES = """
 Examples:
 
-  loramigrate eval --base models/new --adapter runs/pair/sql/transfer --data test.jsonl
+  loramigrate eval --base NEW --adapter runs/sql/transfer --data test.jsonl
 
-  loramigrate eval --base models/new --adapter runs/pair/sql/transfer --adapter runs/pair/sql/final \\
-      --data test.jsonl --reference-base models/old --reference-adapter adapters/sql --json eval.json
+  # negative flips against the old pair; the numbers also as JSON
+  loramigrate eval ... --reference-base O --reference-adapter A --json e.json
 
-  loramigrate eval --base models/new --data test.jsonl --reference-base models/old --reference-adapter adapters/sql \
-      --proxy-old-base models/old --proxy-old-adapter adapters/sql
-
-  loramigrate eval --base models/new --adapter runs/pair/sql/final --data test.jsonl -o runs/pair/sql/eval
+  # as a stage directory (results.json, manifest.json)
+  loramigrate eval --base NEW --adapter FINAL --data test.jsonl -o runs/eval
 """
 
 

@@ -9,13 +9,16 @@ from loramigrate.config import FinetuneConfig
 EXAMPLES = """
 Examples:
 
-  loramigrate finetune --base models/new --init runs/pair/sql/transfer --data train.jsonl --val val.jsonl \\
-      --steps 100 --reg-lambda 1.0 --reg-final 0.01 --target exact_match=0.85 -o runs/pair/sql/final
+  loramigrate finetune --base NEW --init TRANSFER --data train.jsonl -o out
 
-  loramigrate finetune --base models/new --init fresh --rank 16 --data train.jsonl -o runs/baselines/retrain
+  # stop once the validation metric reaches the target
+  loramigrate finetune ... --val val.jsonl --target exact_match=0.85 -o out
 
-  loramigrate finetune --base models/new --init runs/pair/sql/transfer --data prompts.jsonl --val val.jsonl \
-      --teacher old --teacher-base models/old --teacher-adapter adapters/sql -o runs/pair/sql/distilled
+  # a fresh LoRA trained from scratch: the baseline to beat
+  loramigrate finetune --base NEW --init fresh --data train.jsonl -o out
+
+  # distil the old pair (old base + old adapter) into the new base
+  loramigrate finetune ... --teacher old --teacher-base O --teacher-adapter A
 """
 
 

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from loramigrate.cli._options import ForceOpt, with_config
+from loramigrate.cli._options import flag, with_config
 from loramigrate.cli._ui import handle_errors, progress_bars
 from loramigrate.config import ModelLoadConfig
 
@@ -14,10 +14,11 @@ Examples:
 
   loramigrate run recipes/minilm-l3-to-l6.yaml -o runs/minilm
 
-  loramigrate run recipes/minilm-l3-to-l6.yaml -o runs/minilm --set finetune.steps=200 --from finetune
+  # redo finetune and eval with other settings
+  loramigrate run RECIPE -o runs/a --set finetune.steps=200 --from finetune
 
-  # a fleet: one shared alignment, one run folder per adapter (see scripts/migrate_many.sh)
-  loramigrate run recipes/minilm-l3-to-l6.yaml --adapter adapters/sentiment --align-dir runs/pair-align -o runs/sentiment
+  # a fleet: one shared alignment, one run folder per adapter
+  loramigrate run RECIPE --adapter adapters/a --align-dir runs/align -o runs/a
 """
 
 
@@ -32,7 +33,8 @@ def run(
     adapter: Annotated[list[Path] | None, typer.Option(help="Migrate these adapters instead of the recipe's.")] = None,
     align_dir: Annotated[Path | None, typer.Option(help="Shared alignment directory (default: RUN/align).")] = None,
     from_: Annotated[str | None, typer.Option("--from", help="Redo this stage and every later one.")] = None,
-    force: ForceOpt = False,
+    force: Annotated[bool, flag("--force", help="Redo every stage, even those whose outputs are up to date "
+                                "(--from align).")] = False,
 ) -> None:
     """Run align → transfer → search → finetune → eval; stages whose manifests match are skipped.
 

@@ -9,15 +9,14 @@ from loramigrate.config import SearchConfig
 EXAMPLES = """
 Examples:
 
-  loramigrate search --align runs/pair/align --transfer runs/pair/sql/transfer --data val.jsonl \\
-      --n-trials 30 -o runs/pair/sql/search
+  loramigrate search --align A --transfer T --data val.jsonl -o out
 
-  # no labels: score blends by the KL to the old pair (old base + the adapter being migrated)
-  loramigrate search ... --objective distill --teacher-adapter adapters/sql -o runs/pair/sql/search
+  # no labels: score blends by the KL to the old pair (old base + old adapter)
+  loramigrate search ... --objective distill --teacher-adapter OLD -o out
 
-  # two workers sharing one study (run each line in its own shell or on its own machine)
-  loramigrate search ... --storage runs/pair/sql/study.log --study sql -o runs/pair/sql/search-w1
-  loramigrate search ... --storage runs/pair/sql/study.log --study sql -o runs/pair/sql/search-w2
+  # two workers sharing one study (each in its own shell or machine)
+  loramigrate search ... --storage runs/study.log --study sql -o runs/w1
+  loramigrate search ... --storage runs/study.log --study sql -o runs/w2
 """
 
 

@@ -9,11 +9,13 @@ from loramigrate.config import TransferConfig
 EXAMPLES = """
 Examples:
 
-  loramigrate transfer --align runs/qwen/align --adapter adapters/sql -o runs/qwen/sql/transfer
+  loramigrate transfer --align runs/pair/align --adapter adapters/sql -o out
 
-  loramigrate transfer --align runs/qwen/align --adapter adapters/sql --rank auto --fill nearest -o out
+  # rank by kept energy (--energy); new layers take a neighbour's update
+  loramigrate transfer --align A --adapter B --rank auto --fill nearest -o out
 
-  loramigrate transfer --align runs/qwen/align --adapter adapters/sql --prompts train.jsonl -o out
+  # data-aware: refit to the old adapter's effect on task inputs
+  loramigrate transfer --align A --adapter B --prompts train.jsonl -o out
 """
 
 

@@ -13,10 +13,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from loramigrate.adapters import check_adapter_dir
-from loramigrate.artifacts import hash_inputs, is_up_to_date, prepare_output, stage_output
+from loramigrate.artifacts import hash_inputs, is_up_to_date, log_start, prepare_output, stage_output
 from loramigrate.config import EvalConfig
 from loramigrate.errors import ArtifactError
 from loramigrate.evaluate import EvalResult, evaluate_pairs, read_task, with_flips, with_gap
@@ -126,7 +124,7 @@ def run_eval(cfg: EvalConfig, comparison: Comparison, out_dir: Path, progress: P
         log.info("%s is up to date; skipping eval (use --force to redo)", out_dir)
         return False
     with stage_output(out_dir, STAGE, config, inputs) as run:
-        log.info("eval config:\n%s", yaml.safe_dump(config, sort_keys=False))
+        log_start(STAGE, out_dir, cfg, config)
         results = compare(comparison, cfg, progress)
         (run.tmp_dir / RESULTS).write_text(json.dumps(results, indent=2))
     return True

@@ -10,6 +10,7 @@ the same masks too.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import pickle
 import random
@@ -29,6 +30,8 @@ from loramigrate.finetune.rebalance import rebalance_full, rebalance_scalar
 from loramigrate.finetune.regularise import SCHEDULES, delta_distance_sq, init_norm_sq, schedule_value
 from loramigrate.lora import refactor
 from loramigrate.progress import ProgressFn, no_progress
+
+log = logging.getLogger(__name__)
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
 CKPT = "checkpoint.pt"
@@ -134,11 +137,12 @@ def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: B
         groups.append({"params": list(head.values()), "lr": cfg.lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     base_lrs = [g["lr"] for g in groups]
-    log: list[dict] = []
+    history: list[dict] = []
     start_step, elapsed, hit = 0, 0.0, None
     ckpt = ckpt_dir / CKPT if ckpt_dir else None
     if ckpt is not None and ckpt.is_file():  # resume: factors, optimiser, log, clock and random generators as they were
-        start_step, elapsed, log = _resume(read_checkpoint(ckpt), factors, head, opt)
+        start_step, elapsed, history = _resume(read_checkpoint(ckpt), factors, head, opt)
+        log.info("resuming from the checkpoint at step %d of %d (%s)", start_step, cfg.steps, ckpt_dir)
     target = parse_target(cfg.target)
     clock = time.perf_counter() - elapsed
     model.train(dropout)
@@ -174,17 +178,17 @@ def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: B
             model.train(dropout)
             if hit is None and reached(target, {k[4:]: v for k, v in row.items() if k.startswith("val_")}):
                 hit = {"step": step + 1, "s": row["s"]}
-            log.append(row)
+            history.append(row)
             if ckpt is not None:
-                _checkpoint(ckpt, factors, head, opt, step + 1, row["s"], log)
+                _checkpoint(ckpt, factors, head, opt, step + 1, row["s"], history)
             if hit:
                 break
         else:
-            log.append(row)
-        progress("finetune", step + 1, cfg.steps)
+            history.append(row)
+        progress("finetune", step + 1, cfg.steps, f"loss {task:.3f}")
     if cfg.restart_every:
         fold_restarts(factors, rank=next(iter(factors.values())).a.shape[0])
-    return log, hit
+    return history, hit
 
 
 def _resume(state: dict, factors: dict[str, LoraFactors], head: dict[str, nn.Parameter], opt: torch.optim.Optimizer
@@ -291,11 +295,12 @@ def _rebalance(factors: dict[str, LoraFactors], how: str) -> None:
 
 
 def _checkpoint(path: Path, factors: dict[str, LoraFactors], head: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
-                step: int, elapsed: float, log: list[dict]) -> None:
+                step: int, elapsed: float, history: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)  # created at the first checkpoint: a failure before leaves nothing
     tmp = path.with_suffix(".tmp")
     torch.save({"rng": rng_state(), "factors": {n: {"a": f.a.detach().cpu(), "b": f.b.detach().cpu(), "merged": f.merged}
                             for n, f in factors.items()},
                 "head": {n: p.detach().cpu() for n, p in head.items()},
-                "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed, "log": log}, tmp)
+                "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed, "log": history}, tmp)
     tmp.replace(path)
+    log.debug("checkpoint at step %d: %s", step, path)

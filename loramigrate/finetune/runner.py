@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
 from loramigrate.adapters import check_adapter_dir
 from loramigrate.arch import model_spec
@@ -19,6 +18,7 @@ from loramigrate.artifacts import (
     config_hash,
     hash_inputs,
     is_up_to_date,
+    log_start,
     output_lock,
     prepare_output,
     stage_output,
@@ -29,8 +29,9 @@ from loramigrate.evaluate import METRIC, Task, read_task, task_metrics
 from loramigrate.finetune.loop import train
 from loramigrate.finetune.objective import OBJECTIVES, Distill, mean_loss
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
-from loramigrate.models import ModelRef, load_tokenizer, load_with_new_modules, resolve_model
+from loramigrate.models import ModelRef, attach_adapter, load_tokenizer, load_with_new_modules, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
+from loramigrate.report import plot_curve
 
 log = logging.getLogger(__name__)
 STAGE = "finetune"
@@ -75,7 +76,7 @@ def _split(cfg: FinetuneConfig) -> tuple[Task, list[dict]]:
 
 def _peft_model(cfg: FinetuneConfig, base, new_modules: list[str], classification: bool):
     """A fresh LoRA (saving ``new_modules``, those the base's checkpoint lacked) or ``cfg.init``, trainable."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     if cfg.init == "fresh":
         targets = cfg.targets or sorted(set(model_spec(base).modules.values()))
@@ -89,7 +90,7 @@ def _peft_model(cfg: FinetuneConfig, base, new_modules: list[str], classificatio
         except ValueError as e:  # e.g. target modules the base does not have
             raise ConfigError(f"--targets {','.join(targets)}: {str(e).splitlines()[0][:200]}") from None
     try:
-        model = PeftModel.from_pretrained(base, cfg.init, is_trainable=True)
+        model = attach_adapter(base, cfg.init, is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ArtifactError(f"--init {cfg.init} does not fit the base {cfg.base}: {str(e).splitlines()[0][:200]}") from None
     return model
@@ -123,7 +124,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_p
         log.info("%s is up to date; skipping finetune (use --force to redo)", out_dir)
         return False
     with output_lock(out_dir):
-        log.info("finetune config:\n%s", yaml.safe_dump(config, sort_keys=False))
+        log_start(STAGE, out_dir, cfg)
         ckpt_dir = checkpoint_dir(out_dir, config, inputs, fresh=force)
         _finetune(cfg, ref, task, val_rows, out_dir, ckpt_dir, inputs, progress)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -164,6 +165,7 @@ def _finetune(cfg: FinetuneConfig, ref: ModelRef, task: Task, val_rows: list[dic
                 **({"kl": mean_loss(kl, m, val_rows, cfg.batch_size)} if kl else {})}
 
     batch_loss = OBJECTIVES[task.kind](tok, task, cfg.max_len, distill)
+    initial = evaluate(model.eval())  # the init as it is: the curve's baseline at step 0
     with stage_output(out_dir, STAGE, cfg.model_dump(), inputs) as run:
         try:
             history, hit = train(model, task.rows, cfg, batch_loss, evaluate, ckpt_dir, progress)
@@ -175,7 +177,9 @@ def _finetune(cfg: FinetuneConfig, ref: ModelRef, task: Task, val_rows: list[dic
             peft_config.modules_to_save = list(dict.fromkeys(peft_config.modules_to_save))
         model.save_pretrained(run.tmp_dir)
         (run.tmp_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        plot_curve(history, run.tmp_dir / "curve.png")
+        plot_curve([{"step": 0, "s": 0.0, **{f"val_{k}": v for k, v in initial.items()}}, *history],
+                   run.tmp_dir / "curve.png")
+        run.extra["initial"] = initial
         run.extra["time_to_target"] = hit
         run.extra["final"] = next((r for r in reversed(history) if "val_loss" in r), None)
 
@@ -193,29 +197,3 @@ def _distillation(cfg: FinetuneConfig, student, tok, task: Task, val_rows: list[
                             progress, what)
     task = replace(task, rows=fill(task.rows, "training"))
     return task, fill(val_rows, "validation"), Distill(teacher.logits, cfg.distill_temperature, cfg.distill_weight)
-
-
-def plot_curve(history: list[dict], path: Path) -> None:
-    """Training and validation loss and the validation metric, against steps and against seconds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    evals = [r for r in history if "val_loss" in r]
-    metric = next((k for k in ("val_exact_match", "val_accuracy") if evals and k in evals[0]), None)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, x in zip(axes, ("step", "s"), strict=True):
-        ax.plot([r[x] for r in history], [r["loss"] for r in history], lw=1, label="train loss")
-        ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
-        ax.set_xlabel("step" if x == "step" else "seconds")
-        ax.set_ylabel("loss")
-        if metric:
-            twin = ax.twinx()
-            twin.plot([r[x] for r in evals], [r[metric] for r in evals], "s--", color="green", label=metric[4:])
-            twin.set_ylabel(metric[4:])
-            twin.set_ylim(0, 1)
-    fig.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -42,8 +42,12 @@ def resolve_beta_max(beta_max: float | None, alignment: Alignment) -> float:
 def search_space(kind: str, groups: list[str], alpha: tuple[float, float], beta_max: float,
                  gamma_max: float) -> Space:
     """``global``: one α and one β for every module (the paper's two coefficients); ``groups``: α, β, γ per
-    module group. A coefficient whose range is 0 is left out, so no trial is spent on it."""
-    ranges = {"alpha": alpha, "beta": (-beta_max, beta_max), "gamma": (0.0, gamma_max)}
+    module group. A coefficient whose range is 0 is left out, so no trial is spent on it. α's range always holds
+    1: trial 0, the transfer as is, is a point of the space (the samplers learn from it like any other trial)."""
+    held = (min(alpha[0], 1.0), max(alpha[1], 1.0))
+    if held != tuple(alpha):
+        log.info("α range [%g, %g] widened to [%g, %g]: it holds α = 1, trial 0 (the transfer as is)", *alpha, *held)
+    ranges = {"alpha": held, "beta": (-beta_max, beta_max), "gamma": (0.0, gamma_max)}
     names = ("alpha", "beta") if kind == "global" else ("alpha", "beta", "gamma")
     wanted = [n for n in names if ranges[n][1] > 0]
     if kind == "global":
