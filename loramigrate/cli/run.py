@@ -40,9 +40,11 @@ def run(
     """
     from loramigrate.cli._summary import print_summary
     from loramigrate.pipeline import timed_run
+    from loramigrate.preflight import check_inputs
     from loramigrate.recipes import load_recipe
 
     cfg = load_recipe(recipe, list(set_ or []), [str(a) for a in adapter] if adapter else None, load)
+    check_inputs(cfg)
     with progress_bars() as progress:
         runs, report = timed_run(cfg, out, "align" if force else from_, align_dir, progress)
     print_summary(runs, report)
