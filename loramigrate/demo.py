@@ -1,6 +1,6 @@
 """`loramigrate demo`: a real migration, offline, in a few minutes on a laptop CPU.
 
-paraphrase-MiniLM-L3-v2 → all-MiniLM-L6-v2 (TESTBED pair A) on multiemo sentiment: train a small old
+paraphrase-MiniLM-L3-v2 → all-MiniLM-L6-v2 (docs/testbed.md) on multiemo sentiment: train a small old
 adapter on L3 (once, cached), then run the shipped pair recipe with demo-sized budgets.
 """
 
