@@ -79,7 +79,9 @@ def check_inputs(recipe: Recipe) -> None:
         try:
             check_adapter_dir(source)
         except ArtifactError as e:
-            raise ArtifactError(f"{e}; the recipe's header comment names the command that trains it") from None
+            if not recipe.make_adapter:
+                raise
+            raise ArtifactError(f"{e}; the recipe trains it with: {recipe.make_adapter}") from None
     source = recipe.adapters[0]  # the stages read the same files for every adapter
     reads = {(recipe.data.test, False): None}  # (data file, rows may lack labels) in the order stages read them
     if prompts := recipe.transfer_config("ALIGN", source).prompts:

@@ -76,6 +76,7 @@ class Recipe(_Config):
     old: str
     new: str
     adapters: list[str] = Field(min_length=1)
+    make_adapter: str = ""  # the command that trains the old adapter: `run` shows it when an adapter is missing
     data: TaskData
     load: ModelLoadConfig = ModelLoadConfig()  # every stage's; a section's own `load:` overrides it key by key
     align: dict[str, Any] = {}
@@ -84,7 +85,7 @@ class Recipe(_Config):
     finetune: dict[str, Any] | None = {}  # null: skip the stage (the final adapter is the search's or transfer's)
     eval: dict[str, Any] = {}
 
-    _paths = field_validator("old", "new", mode="before")(lambda cls, v: _expand(v))
+    _paths = field_validator("old", "new", "make_adapter", mode="before")(lambda cls, v: _expand(v))
 
     @field_validator("adapters", mode="before")
     @classmethod

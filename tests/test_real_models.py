@@ -1,4 +1,4 @@
-"""align on the real testbed pairs. Run: bash scripts/fetch_testbed.sh [--qwen] && pytest -m slow
+"""align on the real testbed pairs. Run: python -m loramigrate.testbed [--qwen] && pytest -m slow
 
 Each test runs when the models it names are in the cache, and is skipped, saying which fetch
 brings them, when they are not.
@@ -21,7 +21,7 @@ MODELS = CACHE / "models"
 
 def needs(*names: str):
     missing = [n for n in names if not (MODELS / n).is_dir()]
-    fetch = "scripts/fetch_testbed.sh --qwen" if any(n.startswith("qwen") for n in missing) else "scripts/fetch_testbed.sh"
+    fetch = "python -m loramigrate.testbed" + (" --qwen" if any(n.startswith("qwen") for n in missing) else "")
     return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not in {MODELS}: run {fetch}")
 
 

@@ -1,9 +1,7 @@
-"""Task rows written by scripts/convert_testbed.py: the format users train with (TESTBED §5.1)."""
+"""Task rows written by the testbed fetch (loramigrate/testbed.py): the format users train with (docs/testbed.md)."""
 
 from __future__ import annotations
 
-import importlib.util
-import io
 import json
 import random
 import tarfile
@@ -13,10 +11,9 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-_spec = importlib.util.spec_from_file_location(
-    "convert_testbed", Path(__file__).parent.parent / "scripts" / "convert_testbed.py")
-convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert)
+from loramigrate import testbed as convert
+from loramigrate.errors import ArtifactError
+from tests.fake_testbed import fake_bigbench
 
 # Qwen2 / SmolLM2 style: digits are pre-tokenised one by one, so " 812" is "Ġ" "8" "1" "2".
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -87,35 +84,24 @@ def test_old_format_cuts_tokens_the_joined_text_merges():
 
 
 def _fake_bigbench(path: Path) -> Path:
-    tasks = {
-        "arithmetic/3_digit_addition": [{"input": f"What is {i} plus {i}?", "target": str(2 * i),
-                                         "target_scores": {str(2 * i): 1.0, "banana": 0.0}} for i in range(100, 120)],
-        "arithmetic/2_digit_multiplication": [{"input": f"What is {i} times 2?", "target": [str(2 * i)]}
-                                              for i in range(10, 30)],
-        "multiemo/all_sentence_en": [{"input": f"review {i}", "target_scores": {"positive": i % 2, "negative": 1 - i % 2}}
-                                     for i in range(20)],
-        "other_task": [{"input": "x", "target": "y"}],
-    }
-    with tarfile.open(path, "w:gz") as tar:
-        for name, examples in tasks.items():
-            blob = json.dumps({"name": name, "examples": examples}).encode()
-            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return path
+    arith3 = [{"input": f"What is {i} plus {i}?", "target": str(2 * i), "target_scores": {str(2 * i): 1.0, "banana": 0.0}}
+              for i in range(100, 120)]
+    multiemo = [{"input": f"review {i}", "target_scores": {"positive": i % 2, "negative": 1 - i % 2}} for i in range(20)]
+    return fake_bigbench(path, multiemo, arith3)
 
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_extraction_writes_tasks_and_marker_and_redoes_stale_caches(tmp_path):
+def test_extraction_writes_tasks_and_marker_and_redoes_stale_caches(tmp_path, monkeypatch):
     sdist, data = _fake_bigbench(tmp_path / "bigbench.tar.gz"), tmp_path / "data"
+    monkeypatch.setattr(convert, "download", lambda cache, specs: [sdist] if specs == [convert.BIGBENCH] else None)
     # A cache from the old converter: malformed rows and no FORMAT marker.
     (data / "arith3").mkdir(parents=True)
     (data / "arith3" / "train.jsonl").write_text(json.dumps({"prompt": "What is 1 plus 1? ", "completion": "2"}) + "\n")
 
-    assert convert.bigbench_tasks(sdist, data)
+    convert.fetch_tasks(tmp_path)
     assert (data / "FORMAT").read_text().strip() == convert.TASK_FORMAT
     assert sorted(p.name for p in data.iterdir() if p.is_dir()) == ["arith2mul", "arith3", "multiemo"]
     for name in ("arith2mul", "arith3", "multiemo"):
@@ -130,12 +116,12 @@ def test_extraction_writes_tasks_and_marker_and_redoes_stale_caches(tmp_path):
 
     # Current marker: nothing is rewritten.
     (data / "arith3" / "test.jsonl").write_text("kept\n")
-    assert not convert.bigbench_tasks(sdist, data)
+    convert.fetch_tasks(tmp_path)
     assert (data / "arith3" / "test.jsonl").read_text() == "kept\n"
 
     # A stale marker: extracted again, with the same seeded split.
     (data / "FORMAT").write_text("qa-cue-1\n")
-    assert convert.bigbench_tasks(sdist, data)
+    convert.fetch_tasks(tmp_path)
     assert (data / "arith3" / "test.jsonl").read_text() != "kept\n"
     assert _rows(data / "arith3" / "train.jsonl")[0]["prompt"].startswith("Question: ")
     assert (data / "FORMAT").read_text().strip() == convert.TASK_FORMAT
@@ -145,6 +131,6 @@ def test_extraction_fails_without_marker_when_a_task_is_missing(tmp_path):
     sdist = tmp_path / "empty.tar.gz"
     with tarfile.open(sdist, "w:gz"):
         pass
-    with pytest.raises(FileNotFoundError, match="2_digit_multiplication"):
+    with pytest.raises(ArtifactError, match="2_digit_multiplication"):
         convert.bigbench_tasks(sdist, tmp_path / "data")
     assert not (tmp_path / "data" / "FORMAT").exists()
