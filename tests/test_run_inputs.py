@@ -1,5 +1,5 @@
 """`run` checks every input before its first stage (pipeline.check_inputs): nothing is written when one is missing,
-adapter's message carries the recipe's command that trains it."""
+and a missing adapter's message carries the recipe's command that trains it."""
 
 import pytest
 from typer.testing import CliRunner
