@@ -89,6 +89,11 @@ class Alignment:
     new_profile: ModelProfile
     info: dict[str, Any] = field(default_factory=dict)
 
+    def base(self, side: str) -> str:
+        """The old or new base as align resolved it (a hub id pinned to its commit), so that later stages load
+        the very models that were aligned; alignments from before the pin recorded the option as given."""
+        return str(self.info.get("models", {}).get(side) or self.info.get("options", {}).get(side, ""))
+
 
 def _none_to_neg(xs: list[int | None]) -> torch.Tensor:
     return torch.tensor([-1 if x is None else x for x in xs], dtype=torch.long)

@@ -55,3 +55,22 @@ def test_the_manifest_records_the_commit_and_the_stage_reruns_when_the_hub_moves
     hub_commit.cache_clear()  # a new run
     assert run_align(cfg, out)
     assert json.loads((out / "manifest.json").read_text())["inputs"]["old"]["path"] == f"org/tiny@{SECOND}"
+
+
+def test_later_stages_load_the_commit_align_pinned_even_after_the_hub_moves_on(hub, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    from loramigrate.config import TransferConfig
+    from loramigrate.transfer.runner import run_transfer
+    from tests.helpers import make_lora
+
+    run_align(AlignConfig(old="org/tiny", new="org/tiny", max_tokens=64), tmp_path / "align")
+    (hub / "refs" / "main").write_text(SECOND)  # the hub moves on after the alignment
+    hub_commit.cache_clear()
+    adapter = make_lora(hub / "snapshots" / FIRST, tmp_path / "lora", targets=["q_proj", "v_proj"])
+    assert run_transfer(TransferConfig(align=str(tmp_path / "align"), adapter=str(adapter)), tmp_path / "t")
+    config = json.loads((tmp_path / "t" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("org/tiny", FIRST)
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "t"))  # stock PEFT finds the pinned commit
+    first = load_model(resolve_model(f"org/tiny@{FIRST}"))
+    assert reloaded.base_model.model.model.embed_tokens.weight.equal(first.model.embed_tokens.weight)

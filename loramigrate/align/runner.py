@@ -44,6 +44,7 @@ def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progres
         new = load_model(new_ref, cfg.load.dtype, cfg.load.device)
         with stage_output(out_dir, STAGE, config, inputs) as run:
             alignment = align_models(old, new, old_tok, new_tok, texts, cfg, progress)
+            alignment.info["models"] = {"old": old_ref.path, "new": new_ref.path}
             save_alignment(alignment, run.tmp_dir)
             plot_cka(alignment.cka, alignment.layer_map, run.tmp_dir / "cka.png")
             run.extra["phase_wall_s"] = alignment.info["timings"]

@@ -68,10 +68,6 @@ def _check_inputs(cfg: SearchConfig) -> None:
         raise ArtifactError(f"{cfg.transfer} was transferred with another alignment than {cfg.align}")
 
 
-def _base(alignment: Alignment, side: str) -> str:
-    return alignment.info.get("options", {}).get(side, "")
-
-
 def _check_teacher(cfg: SearchConfig, task: Task, new: ModelRef, alignment: Alignment) -> None:
     """Refuse a distillation that cannot work before any model loads."""
     teacher = SCORES[cfg.objective]
@@ -79,7 +75,7 @@ def _check_teacher(cfg: SearchConfig, task: Task, new: ModelRef, alignment: Alig
         return
     if task.kind == "classification" and not task.labels:
         raise ConfigError(f"{cfg.data}: no row has a label; the classes must be named for the teacher's head")
-    check_teacher(teacher, task.kind, new, _base(alignment, "old"))
+    check_teacher(teacher, task.kind, new, alignment.base("old"))
 
 
 def _train_rows(cfg: SearchConfig, val: Task) -> list[dict]:
@@ -99,7 +95,7 @@ def _objective(cfg: SearchConfig, alignment: Alignment, task: Task, tok, model, 
     teacher_name = SCORES[cfg.objective]
     if teacher_name is None:
         return task.rows, OBJECTIVES[task.kind](tok, task, cfg.max_len)
-    teacher = load_teacher(teacher_name, _base(alignment, "old"), cfg.teacher_adapter, task, cfg.load)
+    teacher = load_teacher(teacher_name, alignment.base("old"), cfg.teacher_adapter, task, cfg.load)
     rows = fill_targets(teacher, model, tok, task, task.rows, cfg.max_len, TEACHER_NEW_TOKENS, cfg.batch_size,
                         progress, "validation")
     return rows, OBJECTIVES[task.kind](tok, task, cfg.max_len, Distill(teacher.logits))
@@ -135,7 +131,7 @@ def fidelity_finetune(cfg: SearchConfig, new: ModelRef) -> FinetuneConfig:
 
 def _evolution(cfg: SearchConfig, alignment: Alignment, layers, progress: ProgressFn):
     def load_bases():
-        return tuple(load_model(resolve_model(_base(alignment, side)), cfg.load.dtype, "cpu") for side in ("old", "new"))
+        return tuple(load_model(resolve_model(alignment.base(side)), cfg.load.dtype, "cpu") for side in ("old", "new"))
     wanted = sorted(set(module_sites(layers, alignment).values()))
     return base_evolution(Path(cfg.align), alignment, wanted, cfg.evolution_rank, load_bases, progress)
 
@@ -257,7 +253,7 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
     task = read_task(cfg.data, cfg.limit, unlabelled=SCORES[cfg.objective] is not None)
     train_rows = _train_rows(cfg, task) if cfg.fidelity_steps else []
     alignment = load_alignment(Path(cfg.align))
-    new = resolve_model(_base(alignment, "new"))
+    new = resolve_model(alignment.base("new"))
     _check_teacher(cfg, task, new, alignment)
     storage = open_storage(cfg.storage) if cfg.storage else None  # a bad URL fails before any heavy work
     names = {"align": cfg.align, "transfer": cfg.transfer, "data": cfg.data,

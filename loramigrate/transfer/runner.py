@@ -17,7 +17,7 @@ from loramigrate.config import TransferConfig
 from loramigrate.errors import ArtifactError, ConfigError, IncompatibleModelsError
 from loramigrate.evaluate import read_task
 from loramigrate.lora import locate, normed_input_map, pseudo_inverse
-from loramigrate.models import load_model, load_tokenizer, resolve_model
+from loramigrate.models import ModelRef, load_model, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 from loramigrate.transfer.core import TransferOptions, transfer_adapter
 from loramigrate.transfer.data_aware import FitOptions, active_copy, data_aware_transfer
@@ -51,7 +51,7 @@ def check_adapter(adapter: LoraAdapter, alignment: Alignment, adapter_dir: Path)
                 f"the alignment's old model has {want[0]}×{want[1]}"
             )
     base = str(adapter.config.get("base_model_name_or_path") or "")
-    old = str(alignment.info.get("options", {}).get("old", ""))
+    old = alignment.base("old")
     if base and old and Path(base).name != Path(old).name:
         log.warning("adapter base %s differs in name from the alignment's old model %s; shapes match", base, old)
 
@@ -111,13 +111,19 @@ def _map_extra(adapter: LoraAdapter, alignment: Alignment) -> dict[str, torch.Te
     return out
 
 
+def _base_fields(ref: ModelRef) -> dict[str, str | None]:
+    """PEFT's own fields for the base: its hub id and, for a pinned one, the commit (``revision``), which
+    ``AutoPeftModel`` loads; a local base is its path (and no revision: the old adapter's would be wrong)."""
+    return {"base_model_name_or_path": ref.source if ref.revision else ref.path, "revision": ref.revision}
+
+
 def _peft_config(adapter: LoraAdapter, alignment: Alignment, modules: dict[str, LoraModule]) -> dict:
     new = alignment.new
     roles = sorted({locate(new, name)[1] for name in modules})
     layers = sorted({locate(new, name)[0] for name in modules})
     return {
         **adapter.config,
-        "base_model_name_or_path": str(alignment.info.get("options", {}).get("new", "")),
+        **_base_fields(resolve_model(alignment.base("new"))),
         "target_modules": sorted(new.modules[r] for r in roles),
         "layers_to_transform": layers if len(layers) < new.n_layers else None,
         "layers_pattern": new.layers_path.rsplit(".", 1)[-1] if len(layers) < new.n_layers else None,
@@ -202,8 +208,7 @@ def _fit_with_data(cfg: TransferConfig, alignment: Alignment, adapter: LoraAdapt
     """Refit the weight-space transfer in ``written`` on the task's prompts (see ``data_aware``)."""
     from peft import PeftModel
 
-    old_ref = resolve_model(alignment.info.get("options", {}).get("old", ""))
-    new_ref = resolve_model(result.config["base_model_name_or_path"])
+    old_ref, new_ref = resolve_model(alignment.base("old")), resolve_model(alignment.base("new"))
     batches = _tokenized_batches(cfg, old_ref, new_ref, max(m.rank for m in result.modules.values()))
     labels = _num_labels(adapter)
     old_model = PeftModel.from_pretrained(load_model(old_ref, cfg.load.dtype, cfg.load.device, num_labels=labels),
@@ -245,7 +250,7 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progre
     names = {"align": str(align_dir), "adapter": str(adapter_dir)}
     if cfg.prompts:
         read_prompts(cfg.prompts, 1)  # fail on a bad prompts file before any heavy work
-        names.update(prompts=cfg.prompts, old=resolve_model(alignment.info.get("options", {}).get("old", "")).path)
+        names.update(prompts=cfg.prompts, old=resolve_model(alignment.base("old")).path)
     prepare_output(out_dir, inputs=names.values())
     inputs = hash_inputs(names)
     config = cfg.model_dump()
@@ -274,7 +279,7 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progre
         (run.tmp_dir / REPORT).write_text(json.dumps({"modules": report, "dropped_sources": dropped,
                                                       **({"data_aware": fit_report} if fit_report else {})}, indent=2))
         if cfg.verify:
-            verify_with_peft(run.tmp_dir, result.config["base_model_name_or_path"], cfg.load, result)
+            verify_with_peft(run.tmp_dir, alignment.base("new"), cfg.load, result)
         run.extra["summary"] = {"modules": len(modules), "filled": sum(r["fill"] != "mapped" for r in report),
                                 "dropped": len(dropped)}
     return True
