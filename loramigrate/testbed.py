@@ -282,6 +282,7 @@ def _row(ex: dict) -> dict:
 
 
 def tasks_current(data: Path) -> bool:
+    """Whether ``data/`` holds the tasks in the current row format (its FORMAT marker)."""
     marker = data / "FORMAT"
     return marker.is_file() and marker.read_text().strip() == TASK_FORMAT
 

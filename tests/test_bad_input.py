@@ -5,6 +5,7 @@ code 1, nothing written and no input changed.
 """
 
 import json
+import shutil
 
 import pytest
 import transformers
@@ -126,9 +127,10 @@ def inputs(tmp_path_factory):
         assert result.exit_code == 0, result.output
     poisoned(root / "inf-transfer", float("inf"))  # its manifest still says it is a finished transfer
     recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "bad", "old": str(root / "no-old"), "new": str(root / "no-new"),
+    recipe.write_text(yaml.safe_dump({"name": "bad", "old": str(model), "new": str(model),
                                       "adapters": [str(adapter)],
                                       "data": {"train": str(data), "val": str(data), "test": str(data)}}))
+    shutil.copytree(adapter, root / "align")  # an adapter whose run folder would be the run's alignment
     (root / "dangling").symlink_to(root / "nowhere")
     (root / "a dir").mkdir()
     return {"model": model, "adapter": adapter, "nan": nan, "data": data, "recipe": recipe, "root": root}
@@ -277,7 +279,8 @@ CASES = [  # (command line, a fragment of the one-line message)
     (run("--set", "eval.limit=-1"), "limit"),
     (run("--from", "deploy"), "--from"),
     (run("--adapter", "{root}/align"), "overlaps the input"),
-    (run("--adapter", "{root}/it's \"quoted\""), "not found"),
+    (run("--adapter", "{root}/it's \"quoted\""), "not a PEFT adapter directory"),
+    (run("--set", "new={root}/no-new"), "not found"),
     (["run", "{root}/missing.yaml", "-o", "{out}"], "cannot read recipe"),
 ]
 
