@@ -28,7 +28,8 @@ Examples:
 
   loramigrate demo
 
-  loramigrate demo -o /tmp/demo
+  # the run folder elsewhere (default: runs/demo under the current directory)
+  loramigrate demo -o /tmp/loramigrate-demo
 """
 
 
