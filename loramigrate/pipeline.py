@@ -83,27 +83,29 @@ def check_inputs(recipe: Recipe) -> None:
                 raise
             raise ArtifactError(f"{e}; the recipe trains it with: {recipe.make_adapter}") from None
     source = recipe.adapters[0]  # the stages read the same files for every adapter
-    reads = {(recipe.data.test, False): None}  # (data file, rows may lack labels) in the order stages read them
+    reads = [(recipe.data.test, False)]  # (data file, whether its rows may lack labels)
     if prompts := recipe.transfer_config("ALIGN", source).prompts:
-        reads[(prompts, True)] = None
+        reads.append((prompts, True))
     if recipe.search is not None:
         search = recipe.search_config("ALIGN", "TRANSFER", source)
-        reads[(search.data, search.objective == "distill")] = None
+        reads.append((search.data, search.objective == "distill"))
         if search.fidelity_steps:
-            reads[(search.train, False)] = None
+            reads.append((search.train, False))
         if search.teacher_adapter:
             check_adapter_dir(search.teacher_adapter)
     if recipe.finetune is not None:
         finetune = recipe.finetune_config("INIT", source)
         distilling = finetune.teacher != "none"
-        reads[(finetune.data, distilling)] = reads[(finetune.val, distilling)] = None
+        reads += [(finetune.data, distilling), (finetune.val, distilling)]
         if distilling:
             check_adapter_dir(finetune.teacher_adapter)
             check_teacher(finetune.teacher, read_task(finetune.data, 1, unlabelled=True).kind, new,
                           finetune.teacher_base)
+    lenient: dict[str, bool] = {}  # each file parsed once, as strictly as its strictest reader
     for path, unlabelled in reads:
+        lenient[path] = lenient.get(path, True) and unlabelled
+    for path, unlabelled in lenient.items():
         read_task(path, unlabelled=unlabelled)
-
 
 def run_recipe(recipe: Recipe, run_dir: Path, force_from: str | None = None, align_dir: Path | None = None,
                progress: ProgressFn = no_progress) -> list[AdapterRun]:
