@@ -178,7 +178,9 @@ def stage_costs(r: AdapterRun) -> list[dict]:
     for stage in STAGES:
         if stage in r.dirs:
             m = read_manifest(r.dirs[stage])
-            rows.append({"stage": stage, "wall_s": m.get("wall_s"), "peak_rss_mb": m.get("peak_rss_mb"),
+            peak = m.get("peak_rss_mb")  # the stage's own, or the process's where it cannot be reset
+            rows.append({"stage": stage, "wall_s": m.get("wall_s"),
+                         "peak_rss_mb": f"{peak} (process)" if m.get("peak_rss_of") == "process" else peak,
                          "ran": r.ran.get(stage, False), "dir": str(r.dirs[stage])})
     return rows
 
@@ -203,7 +205,7 @@ def write_report(recipe: Recipe, runs: list[AdapterRun], run_dir: Path, elapsed:
         costs = stage_costs(r)
         lines += ["", "| stage | wall s | peak RSS MB | this run |", "|---|---|---|---|"]
         lines += [f"| {c['stage']} | {c['wall_s']} | {c['peak_rss_mb']} | {'ran' if c['ran'] else 'kept'} |" for c in costs]
-        plots = [p for stage in ("search", "finetune") if stage in r.dirs
+        plots = [p for stage in ("align", "search", "finetune") if stage in r.dirs
                  for p in sorted(r.dirs[stage].glob("*.png"))]
         lines += [""] + [f"![{p.parent.name}/{p.name}]({p.relative_to(run_dir) if p.is_relative_to(run_dir) else p})"
                          for p in plots] + [""]

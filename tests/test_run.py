@@ -70,6 +70,7 @@ def test_run_writes_every_stage_and_the_report_then_reruns_by_skipping(debug):
                 "searched init", "final (finetuned)", "proxy ensemble"):  # the tiny pair shares a tokenizer
         assert arm in report, arm
     assert "| gap recovered |" in report  # – here: the random old adapter gains nothing on the test split
+    assert "](align/cka.png)" in report and "](water/finetune/curve.png)" in report  # the plots, the CKA map too
     assert "exact_match" in result.stdout and "final adapter" in result.stdout
     stamps = {p: p.stat().st_mtime_ns for p in (debug / "run").rglob("manifest.json")}
     again = run(debug / "run")

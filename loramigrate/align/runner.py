@@ -5,12 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import yaml
-
 from loramigrate.align.activations import default_calibration, read_calibration
 from loramigrate.align.core import align_models
 from loramigrate.alignment import save_alignment
-from loramigrate.artifacts import hash_inputs, is_up_to_date, output_lock, prepare_output, stage_output
+from loramigrate.artifacts import hash_inputs, is_up_to_date, log_start, output_lock, prepare_output, stage_output
 from loramigrate.config import AlignConfig
 from loramigrate.models import load_model, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
@@ -38,7 +36,7 @@ def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progres
         log.info("%s is up to date; skipping align (use --force to redo)", out_dir)
         return False
     with output_lock(out_dir):
-        log.info("align config:\n%s", yaml.safe_dump(config, sort_keys=False))
+        log_start(STAGE, out_dir, cfg)
         old_tok, new_tok = load_tokenizer(old_ref), load_tokenizer(new_ref)
         old = load_model(old_ref, cfg.load.dtype, cfg.load.device)
         new = load_model(new_ref, cfg.load.dtype, cfg.load.device)

@@ -11,8 +11,6 @@ import warnings
 import zlib
 from pathlib import Path
 
-import yaml
-
 from loramigrate.adapters import check_adapter_dir, read_adapter, write_adapter
 from loramigrate.alignment import Alignment, load_alignment
 from loramigrate.artifacts import (
@@ -20,6 +18,7 @@ from loramigrate.artifacts import (
     hash_input,
     hash_inputs,
     is_up_to_date,
+    log_start,
     output_lock,
     prepare_output,
     stage_output,
@@ -266,7 +265,7 @@ def run_search(cfg: SearchConfig, out_dir: Path, progress: ProgressFn = no_progr
         log.info("%s is up to date; skipping search (use --force to redo)", out_dir)
         return False
     with output_lock(out_dir):  # held from the study's first trial: a second process would share the private study
-        log.info("search config:\n%s", yaml.safe_dump(config, sort_keys=False))
+        log_start(STAGE, out_dir, cfg)
         fresh = not out_dir.exists()
         try:
             _search(cfg, alignment, new, task, train_rows, storage, out_dir, inputs, progress)

@@ -7,12 +7,11 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 
 from loramigrate.adapters import LoraAdapter, LoraModule, read_adapter, write_adapter
 from loramigrate.alignment import Alignment, load_alignment
 from loramigrate.arch import HEAD_INPUTS, ModelSpec
-from loramigrate.artifacts import check_stage, hash_inputs, is_up_to_date, prepare_output, stage_output
+from loramigrate.artifacts import check_stage, hash_inputs, is_up_to_date, log_start, prepare_output, stage_output
 from loramigrate.config import TransferConfig
 from loramigrate.errors import ArtifactError, ConfigError, IncompatibleModelsError
 from loramigrate.evaluate import read_task
@@ -257,7 +256,7 @@ def run_transfer(cfg: TransferConfig, out_dir: Path, force: bool = False, progre
     if not force and is_up_to_date(out_dir, STAGE, config, inputs):
         log.info("%s is up to date; skipping transfer (use --force to redo)", out_dir)
         return False
-    log.info("transfer config:\n%s", yaml.safe_dump(config, sort_keys=False))
+    log_start(STAGE, out_dir, cfg)
     options = TransferOptions(rank=cfg.rank if isinstance(cfg.rank, int) else None,
                               energy=cfg.energy if cfg.rank == "auto" else None,
                               keep_norm_ratio=cfg.keep_norm_ratio, fill=cfg.fill)
