@@ -196,7 +196,6 @@ def test_run_passes_its_load_options(monkeypatch, tmp_path):
         raise ConfigError("stop here")
 
     monkeypatch.setattr("loramigrate.pipeline.timed_run", timed_run)
-    monkeypatch.setattr("loramigrate.preflight.check_inputs", lambda recipe: None)  # the recipe's files are absent
     monkeypatch.setenv("LORAMIGRATE_DEBUG_MODELS", str(tmp_path))
     assert runner.invoke(app, ["run", str(RECIPE), "-o", str(tmp_path / "o"), "--device", "cpu"]).exit_code == 1
     assert got[0].eval_config().load.device == "cpu" and got[0].align_config().load.dtype == "auto"
