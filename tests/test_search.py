@@ -417,8 +417,8 @@ def test_base_evolution_is_the_low_rank_update_of_a_same_shape_upgrade(tmp_path)
     new = build(tiny_config("llama", init=0.2))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for layer in new.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.mlp.up_proj):
+        for layer in new.model.layers:  # not q/k/v: their head-space maps are fitted, and would follow the drift
+            for proj in (layer.self_attn.o_proj, layer.mlp.up_proj):
                 out_dim, in_dim = proj.weight.shape
                 proj.weight += 0.02 * torch.randn(out_dim, 2, generator=g) @ torch.randn(2, in_dim, generator=g)
     tok = make_tokenizer(WORDS)
