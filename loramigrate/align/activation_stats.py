@@ -1,7 +1,7 @@
 """Data-driven correspondences of a mapped layer pair, from what the two blocks compute on the same
 calibration tokens.
 
-Weight-only similarities are at noise level between separately trained models (DESIGN.md).
+Weight-only similarities are at noise level between separately trained models (docs/testbed.md).
 Heads: linear CKA of the two heads' outputs (the output projection's input) gives the similarity,
 and their centred cross-covariance an orthogonal map between the heads' value spaces.
 MLP neurons: correlation of the intermediate activations (the down projection's input) over a capped
