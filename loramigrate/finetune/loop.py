@@ -84,7 +84,8 @@ LR_FLOOR = 0.1  # decaying schedules end at this fraction of the peak learning r
 
 def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     """Learning-rate multiplier at ``step``: linear warm-up to 1, then ``schedule`` (one of the λ schedules,
-    reused) from 1 toward LR_FLOOR at the end."""
+    reused) from 1 toward LR_FLOOR at the end. Not transformers' ``get_scheduler``: its decays end at 0 and
+    its shapes are not the λ schedules', so the two would drift apart."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
