@@ -99,11 +99,33 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device(device)
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: every CPU build does (slowly), CUDA from Ampere on (as
+    torchtune's ``verify_bf16_support`` asks torch)."""
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
+@functools.cache  # one line per process, however many models load
+def _warn_no_bf16(name: str) -> None:
+    log.warning("%s does not support bfloat16; dtype auto uses float32 (twice the memory)", name)
+
+
 def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU (half precision matmuls are slow there), bfloat16 on CUDA."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+    """``auto``: float32 on CPU (half precision matmuls are slow there), bfloat16 on a CUDA device that supports it,
+    else float32 with one line saying so.
+
+    Raises:
+        ConfigError: bfloat16 asked for on a CUDA device without it.
+    """
+    if dtype == "auto" and device.type == "cuda":
+        if bf16_supported(device):
+            return torch.bfloat16
+        _warn_no_bf16(torch.cuda.get_device_name(device))
+        return torch.float32
+    if dtype == "bfloat16" and not bf16_supported(device):
+        raise ConfigError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it; "
+                          "use float32 (or auto)")
+    return torch.float32 if dtype == "auto" else getattr(torch, dtype)
 
 
 def resolved_load(dtype: Dtype = "auto", device: Device = "auto") -> dict[str, str]:
