@@ -12,6 +12,9 @@ from typer.testing import CliRunner
 
 from loramigrate import artifacts, models
 from loramigrate.adapters import read_adapter
+from loramigrate.align.activation_stats import HeadOutputStats, captured_inputs
+from loramigrate.align.cka import FeatureCKA
+from loramigrate.align.transfer_matrix import TransferStats
 from loramigrate.artifacts import stage_output
 from loramigrate.cli.main import app
 from loramigrate.config import FinetuneConfig, ModelLoadConfig, SearchConfig, TransferConfig
@@ -89,3 +92,26 @@ def test_manifests_record_the_stage_peak_gpu_memory(tmp_path, monkeypatch):
     with stage_output(tmp_path / "gpu", "align", {"load": {}}, {}):
         assert resets == [1]  # reset when the stage took its lock
     assert json.loads((tmp_path / "gpu" / artifacts.MANIFEST).read_text())["peak_gpu_mb"] == 1536.0
+
+
+def test_the_accumulators_live_where_the_activations_do():
+    """On the meta device, where a CPU buffer cannot join, as a CUDA activation could not join one."""
+    meta = {"device": "meta"}
+    cka = FeatureCKA(2, 8, 3, 6, **meta)
+    cka.update(torch.empty(2, 10, 8, **meta), torch.empty(3, 10, 6, **meta))
+    stats = TransferStats(8, 6, **meta)
+    stats.update(torch.empty(10, 8, **meta), torch.empty(10, 6, **meta))
+    heads = HeadOutputStats(2, 4, 3, 2, **meta)
+    heads.update(torch.empty(10, 8, **meta), torch.empty(10, 6, **meta))
+    assert {t.device.type for t in (cka.xy, stats.ytx, stats.yty, heads.cross, heads.self_new)} == {"meta"}
+
+
+def test_capture_hooks_keep_activations_as_the_model_computed_them(tiny_models):
+    """No copy to the host (nor to float32) inside a hook: the accumulators convert, on the device."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.bfloat16)
+    name = "model.layers.0.self_attn.o_proj"
+    with captured_inputs(model, [name]) as got, torch.no_grad():
+        model(torch.tensor([[2, 3, 4]]))
+    assert got[name].dtype == torch.bfloat16 and got[name].shape == (1, 3, 32)
