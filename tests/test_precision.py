@@ -115,3 +115,20 @@ def test_capture_hooks_keep_activations_as_the_model_computed_them(tiny_models):
     with captured_inputs(model, [name]) as got, torch.no_grad():
         model(torch.tensor([[2, 3, 4]]))
     assert got[name].dtype == torch.bfloat16 and got[name].shape == (1, 3, 32)
+
+
+def test_the_base_evolution_loads_both_bases_on_the_host_in_the_runs_dtype(monkeypatch):
+    """dtype auto on a bf16 GPU means bf16 for the two bases held on the host too, not float32 (56 GB for a 7B pair)."""
+    from types import SimpleNamespace
+
+    from loramigrate.search import runner as search_runner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    loads = []
+    monkeypatch.setattr(search_runner, "resolve_model", lambda path: path)
+    monkeypatch.setattr(search_runner, "load_model", lambda ref, dtype, device: loads.append((ref, dtype, device)))
+    monkeypatch.setattr(search_runner, "base_evolution", lambda *args: args[4]())  # its load_models()
+    cfg = SearchConfig(align="a", transfer="t", data="d", load={"device": "cuda"})
+    search_runner._evolution(cfg, SimpleNamespace(base=lambda side: side), {}, lambda *a: None)
+    assert loads == [("old", "bfloat16", "cpu"), ("new", "bfloat16", "cpu")]
