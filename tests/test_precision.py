@@ -4,6 +4,7 @@ its answers matter (``pytest tests/test_precision.py``)."""
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -132,3 +133,23 @@ def test_the_base_evolution_loads_both_bases_on_the_host_in_the_runs_dtype(monke
     cfg = SearchConfig(align="a", transfer="t", data="d", load={"device": "cuda"})
     search_runner._evolution(cfg, SimpleNamespace(base=lambda side: side), {}, lambda *a: None)
     assert loads == [("old", "bfloat16", "cpu"), ("new", "bfloat16", "cpu")]
+
+
+def test_cuda_runs_are_set_up_to_repeat_themselves(monkeypatch):
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("LORAMIGRATE_TF32", raising=False)
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = cudnn.benchmark = True
+        models.cuda_determinism()
+        assert not (matmul.allow_tf32 or cudnn.allow_tf32 or cudnn.benchmark)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("LORAMIGRATE_TF32", "1")  # asked for
+        models.cuda_determinism()
+        assert matmul.allow_tf32 and cudnn.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = before[:3]
+        torch.use_deterministic_algorithms(before[3], warn_only=before[4])
