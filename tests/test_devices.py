@@ -15,7 +15,7 @@ import torch
 
 from loramigrate.adapters import read_adapter
 from loramigrate.alignment import load_alignment
-from tests.test_run import KILLS, build_debug, factors, run
+from tests.test_run import build_debug, factors, kill_in, run
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])]
@@ -99,19 +99,10 @@ def test_run_killed_in_finetune_resumes_to_the_same_adapter(migrated, tmp_path, 
     device, models, whole = migrated
     monkeypatch.setenv("LORAMIGRATE_DEBUG_MODELS", str(models))
     shutil.copytree(whole, tmp_path / "run")
-    target, nth = KILLS["finetune"]
-    module, _, attr = target.rpartition(".")
-    real, calls = getattr(__import__(module, fromlist=[attr]), attr), []
-
-    def killed(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == nth:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(target, killed)
+    revive = kill_in(monkeypatch, "finetune")
     assert bf16_run(tmp_path / "run", device, "--from", "finetune").exit_code != 0
     assert list((tmp_path / "run" / "water").glob("finetune.ckpt-*"))  # killed after its first checkpoint
-    monkeypatch.setattr(target, real)
+    revive()
     result = bf16_run(tmp_path / "run", device)
     assert result.exit_code == 0, result.output
     resumed = factors(tmp_path / "run" / "water" / "finetune")
