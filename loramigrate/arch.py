@@ -213,12 +213,12 @@ def norm_scale(norm: nn.Module, dim: int) -> torch.Tensor:
     x = torch.ones(dim, dtype=p.dtype, device=p.device)
     x[1::2] = -1
     with torch.no_grad():
-        return ((norm(x) - norm(-x)) / (2 * x)).float().cpu()
+        return ((norm(x) - norm(-x)) / (2 * x)).float()
 
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One block's projections, head-split, float32 on CPU, norm scales folded into inputs.
+    """One block's projections, head-split, float32 on the model's device, norm scales folded into inputs.
 
     Shapes: q (n_heads, head_dim, hidden), k/v (n_kv_heads, head_dim, hidden),
     o (n_heads, head_dim, hidden) (the transpose of each head's column block),
@@ -235,7 +235,7 @@ class LayerWeights:
 
 
 def _weight(block: nn.Module, path: str) -> torch.Tensor:
-    return block.get_submodule(path).weight.detach().float().cpu()
+    return block.get_submodule(path).weight.detach().float()
 
 
 def layer_weights(model: nn.Module, spec: ModelSpec, layer: int, fold_norms: bool = True) -> LayerWeights:
@@ -266,7 +266,7 @@ def unit_norms(w: LayerWeights) -> dict[str, torch.Tensor]:
     """Squared Frobenius norm of each unit of each projection: a head's rows (q; k and v per kv group), a head's
     columns (o), a neuron's row (gate, up; zeros without a gate) or column (down)."""
     return {"q": w.q.pow(2).sum((1, 2)), "k": w.k.pow(2).sum((1, 2)), "v": w.v.pow(2).sum((1, 2)),
-            "o": w.o.pow(2).sum((1, 2)), "gate": torch.zeros(w.up.shape[0]) if w.gate is None else w.gate.pow(2).sum(1),
+            "o": w.o.pow(2).sum((1, 2)), "gate": w.up.new_zeros(w.up.shape[0]) if w.gate is None else w.gate.pow(2).sum(1),
             "up": w.up.pow(2).sum(1), "down": w.down.pow(2).sum(0)}
 
 
@@ -285,12 +285,13 @@ def model_profile(model: nn.Module, spec: ModelSpec
     for i, block in enumerate(model.get_submodule(spec.layers_path)):
         for k, key in enumerate(("attn_in", "mlp_in")):
             if key in spec.norms:
-                norms[i, k] = norm_scale(block.get_submodule(spec.norms[key]), spec.hidden)
-        units.append(unit_norms(layer_weights(model, spec, i)))
-    final = norm_scale(model.get_submodule(spec.final_norm), spec.hidden) if spec.final_norm else torch.ones(spec.hidden)
+                norms[i, k] = norm_scale(block.get_submodule(spec.norms[key]), spec.hidden).cpu()
+        units.append({role: u.cpu() for role, u in unit_norms(layer_weights(model, spec, i)).items()})
+    final = (norm_scale(model.get_submodule(spec.final_norm), spec.hidden).cpu() if spec.final_norm
+             else torch.ones(spec.hidden))
     return norms, {role: torch.stack([u[role] for u in units]) for role in ROLES}, final
 
 
 def input_embeddings(model: nn.Module) -> torch.Tensor:
-    """The input embedding matrix (vocab, hidden), float32 on CPU."""
-    return model.get_input_embeddings().weight.detach().float().cpu()
+    """The input embedding matrix (vocab, hidden), float32 on the model's device."""
+    return model.get_input_embeddings().weight.detach().float()

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import BaseModel
 
@@ -112,6 +113,18 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
+def reset_peak_gpu() -> None:
+    """Start measuring one stage's peak GPU memory (PyTorch's allocator; a process that never used CUDA starts at 0)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak GPU memory PyTorch allocated since ``reset_peak_gpu``, in MiB (``torch.cuda.max_memory_allocated`` of the
+    current device); None where this process never used CUDA."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
+
+
 def read_manifest(stage_dir: Path) -> dict[str, Any]:
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():
@@ -162,6 +175,7 @@ class StageRun:
             "wall_s": round(time.time() - self.started, 3),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_rss_of": self.peak_of,
+            "peak_gpu_mb": None if (gpu := peak_gpu_mb()) is None else round(gpu, 1),
             **self.extra,
         }
 
@@ -237,6 +251,7 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     path = key.with_name(f"{key.name}.lock")
     fd = _lock(path, out_dir)
     _HELD[key] = (time.time(), reset_peak_rss())
+    reset_peak_gpu()
     try:
         remove_leftovers(key)
         yield
@@ -324,7 +339,9 @@ def stage_output(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    log.info("wrote %s in %.1f s (peak RSS %.0f MB)", out_dir, time.time() - run.started, peak_rss_mb())
+    gpu = peak_gpu_mb()
+    log.info("wrote %s in %.1f s (peak RSS %.0f MB%s)", out_dir, time.time() - run.started, peak_rss_mb(),
+             "" if gpu is None else f", peak GPU {gpu:.0f} MB")
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

@@ -82,8 +82,21 @@ class ModelLoadConfig(_Config):
     model_config = ConfigDict(title="Model loading")  # the options' panel in --help
 
     dtype: Dtype = Field(
-        "auto", description="Model dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16.")
+        "auto", description="Model dtype: auto (fp32 on CPU, bf16 on a CUDA device that supports it, else fp32), "
+        "float32, bfloat16 or float16 (forward passes only: training refuses it). Trained weights stay fp32.")
     device: Device = Field("auto", description="auto (cuda when available), cpu or cuda.")
+
+
+def refuse_fp16_training(load: ModelLoadConfig, what: str) -> None:
+    """float16 training needs loss scaling (a GradScaler), or small gradients underflow to zero; loramigrate
+    trains in bfloat16 or float32 instead.
+
+    Raises:
+        ValueError: ``load.dtype`` is float16.
+    """
+    if load.dtype == "float16":
+        raise ValueError(f"{what} trains, and float16 training needs loss scaling, which loramigrate does not do; "
+                         "use load.dtype bfloat16 (or float32)")
 
 
 class AlignConfig(_Config):
@@ -154,6 +167,12 @@ class TransferConfig(_Config):
                             "outputs.")
     load: ModelLoadConfig = ModelLoadConfig()
 
+    @model_validator(mode="after")
+    def _no_fp16_fit(self) -> TransferConfig:
+        if self.prompts and self.fit_solver == "block" and self.fit_steps:
+            refuse_fp16_training(self.load, "the data-aware block fit")
+        return self
+
 
 class FinetuneConfig(_Config):
     """Options of the finetune stage (also trains fresh adapters for baselines)."""
@@ -205,6 +224,8 @@ class FinetuneConfig(_Config):
     distill_weight: float = Field(1.0, ge=0, le=1, description="loss = w·KL + (1 − w)·task loss, with --teacher.")
     teacher_new_tokens: int = Field(32, ge=1, description="Most tokens of a teacher's greedy completion of a "
                                     "prompts-only row.")
+    grad_checkpointing: bool = Field(False, description="Recompute the base's activations in the backward pass "
+                                     "(transformers' gradient checkpointing): less memory, ~30 % more time.")
     seed: Seed = 0
     load: ModelLoadConfig = ModelLoadConfig()
 
@@ -226,6 +247,7 @@ class FinetuneConfig(_Config):
     def _teacher_needs_the_old_pair(self) -> FinetuneConfig:
         if self.teacher != "none" and not (self.teacher_base and self.teacher_adapter):
             raise ValueError(f"teacher '{self.teacher}' needs teacher_base and teacher_adapter (the old base and adapter)")
+        refuse_fp16_training(self.load, "finetune")
         return self
 
 
@@ -286,4 +308,6 @@ class SearchConfig(_Config):
             raise ValueError("objective 'distill' needs teacher_adapter (the old adapter; its base is the alignment's)")
         if self.objective == "distill" and self.fidelity_steps:
             raise ValueError("objective 'distill' scores forward passes only; set fidelity_steps to 0")
+        if self.fidelity_steps:
+            refuse_fp16_training(self.load, "the multi-fidelity objective")
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import time
 import warnings
@@ -99,11 +100,44 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device(device)
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: every CPU build does (slowly), CUDA from Ampere on (as
+    torchtune's ``verify_bf16_support`` asks torch)."""
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
+@functools.cache  # one line per process, however many models load
+def _warn_no_bf16(name: str) -> None:
+    log.warning("%s does not support bfloat16; dtype auto uses float32 (twice the memory)", name)
+
+
+def cuda_determinism() -> None:
+    """What a CUDA run needs to repeat itself: TF32 off (float32 matmuls keep their 24-bit mantissa; LORAMIGRATE_TF32=1
+    turns it on for speed), no cuDNN autotuning, deterministic algorithms where PyTorch has them (warn_only: a kernel
+    without one warns once instead of failing), and the cuBLAS workspace they need (set before cuBLAS starts)."""
+    tf32 = os.environ.get("LORAMIGRATE_TF32") == "1"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU (half precision matmuls are slow there), bfloat16 on CUDA."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+    """``auto``: float32 on CPU (half precision matmuls are slow there), bfloat16 on a CUDA device that supports it,
+    else float32 with one line saying so.
+
+    Raises:
+        ConfigError: bfloat16 asked for on a CUDA device without it.
+    """
+    if dtype == "auto" and device.type == "cuda":
+        if bf16_supported(device):
+            return torch.bfloat16
+        _warn_no_bf16(torch.cuda.get_device_name(device))
+        return torch.float32
+    if dtype == "bfloat16" and not bf16_supported(device):
+        raise ConfigError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it; "
+                          "use float32 (or auto)")
+    return torch.float32 if dtype == "auto" else getattr(torch, dtype)
 
 
 def resolved_load(dtype: Dtype = "auto", device: Device = "auto") -> dict[str, str]:
@@ -149,6 +183,8 @@ def load_with_new_modules(ref: ModelRef, dtype: Dtype = "auto", device: Device =
     if not log.isEnabledFor(logging.DEBUG):
         hf_logging.set_verbosity_error()  # e.g. load reports about an unused pooler
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        cuda_determinism()
     cls = AutoModelForCausalLM if _is_causal_lm(ref) else AutoModel
     kwargs: dict = ref.load_kwargs
     if num_labels is not None:

@@ -173,7 +173,7 @@ def gap_text(row: dict) -> str:
 
 
 def stage_costs(r: AdapterRun) -> list[dict]:
-    """Wall time and peak RSS per stage, from the manifests."""
+    """Wall time, peak RSS and peak GPU memory per stage, from the manifests."""
     rows = []
     for stage in STAGES:
         if stage in r.dirs:
@@ -181,6 +181,7 @@ def stage_costs(r: AdapterRun) -> list[dict]:
             peak = m.get("peak_rss_mb")  # the stage's own, or the process's where it cannot be reset
             rows.append({"stage": stage, "wall_s": m.get("wall_s"),
                          "peak_rss_mb": f"{peak} (process)" if m.get("peak_rss_of") == "process" else peak,
+                         "peak_gpu_mb": m.get("peak_gpu_mb"),
                          "ran": r.ran.get(stage, False), "dir": str(r.dirs[stage])})
     return rows
 
@@ -203,8 +204,9 @@ def write_report(recipe: Recipe, runs: list[AdapterRun], run_dir: Path, elapsed:
                 lines.append(f"| {x['arm']} | {x['n']} | {x['loss']:.4f} | {x['score']:.4f} | {gap_text(x)} | "
                              f"{x.get('negative_flips', '–') if x['arm'] != 'old base + old adapter' else 'reference'} |")
         costs = stage_costs(r)
-        lines += ["", "| stage | wall s | peak RSS MB | this run |", "|---|---|---|---|"]
-        lines += [f"| {c['stage']} | {c['wall_s']} | {c['peak_rss_mb']} | {'ran' if c['ran'] else 'kept'} |" for c in costs]
+        lines += ["", "| stage | wall s | peak RSS MB | peak GPU MB | this run |", "|---|---|---|---|---|"]
+        lines += [f"| {c['stage']} | {c['wall_s']} | {c['peak_rss_mb']} | {c['peak_gpu_mb'] or '–'} | "
+                  f"{'ran' if c['ran'] else 'kept'} |" for c in costs]
         plots = [p for stage in ("align", "search", "finetune") if stage in r.dirs
                  for p in sorted(r.dirs[stage].glob("*.png"))]
         lines += [""] + [f"![{p.parent.name}/{p.name}]({p.relative_to(run_dir) if p.is_relative_to(run_dir) else p})"

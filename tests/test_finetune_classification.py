@@ -1,12 +1,14 @@
 """`loramigrate finetune` on text/label data: a classifier head trained and saved with the adapter."""
 
 import json
+import math
 import random
 import shutil
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from loramigrate.adapters import read_adapter
@@ -123,3 +125,12 @@ def test_loading_names_the_modules_the_checkpoint_lacks_and_leaves_the_model_as_
     assert "classifier" in new
     plain = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3)
     assert set(vars(model)) == set(vars(plain))
+
+
+def test_a_bf16_base_trains_and_saves_its_head_in_float32(tiny_models, sentiment, tmp_path):
+    """AdamW on bf16 weights rounds small updates away: the head trains in fp32 over the bf16 base."""
+    out = finetuned(config(tiny_models["bert"], sentiment, steps=4, eval_every=4,
+                           load={"dtype": "bfloat16", "device": "cpu"}), tmp_path / "ft")
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("classifier" in k for k in saved) and {v.dtype for v in saved.values()} == {torch.float32}
+    assert math.isfinite(json.loads((out / "manifest.json").read_text())["final"]["val_loss"])

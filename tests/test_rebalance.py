@@ -33,3 +33,10 @@ def test_full_rebalance_does_not_depend_on_the_gauge():
     q = torch.linalg.lstsq(b1, b2).solution
     assert torch.allclose(b1 @ q, b2, atol=1e-8) and torch.allclose(q.T @ q, torch.eye(4, dtype=q.dtype), atol=1e-8)
     assert torch.allclose(b1 @ a1, b2 @ a2, atol=1e-9)
+
+
+def test_full_rebalance_works_on_the_factors_device_and_dtype():
+    """Every tensor it makes lives where the factors do (here the meta device, where a CPU tensor cannot join)."""
+    b, a = (t.float().to("meta") for t in factors(3))
+    b2, a2 = rebalance_full(b, a)
+    assert (b2.device.type, a2.device.type, b2.dtype, a2.dtype) == ("meta", "meta", torch.float32, torch.float32)

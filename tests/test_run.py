@@ -135,8 +135,8 @@ KILLS = {  # stage → (module attribute to break, which call raises)
 }
 
 
-@pytest.mark.parametrize("stage", list(KILLS))
-def test_a_run_killed_in_any_stage_resumes_to_the_same_final_adapter(debug, whole_run, monkeypatch, stage):
+def kill_in(monkeypatch, stage: str):
+    """Make the stage's call in KILLS raise KeyboardInterrupt (a kill) at its nth call; returns what undoes it."""
     target, nth = KILLS[stage]
     module, _, attr = target.rpartition(".")
     real, calls = getattr(__import__(module, fromlist=[attr]), attr), []
@@ -147,8 +147,14 @@ def test_a_run_killed_in_any_stage_resumes_to_the_same_final_adapter(debug, whol
             raise KeyboardInterrupt
         return real(*args, **kwargs)
     monkeypatch.setattr(target, killed)
+    return lambda: monkeypatch.setattr(target, real)
+
+
+@pytest.mark.parametrize("stage", list(KILLS))
+def test_a_run_killed_in_any_stage_resumes_to_the_same_final_adapter(debug, whole_run, monkeypatch, stage):
+    revive = kill_in(monkeypatch, stage)
     assert run(debug / "killed").exit_code != 0
-    monkeypatch.setattr(target, real)
+    revive()
     result = run(debug / "killed")
     assert result.exit_code == 0, result.output
     whole, resumed = factors(whole_run / "water" / "finetune"), factors(debug / "killed" / "water" / "finetune")

@@ -20,15 +20,15 @@ from torch import nn
 class HeadOutputStats:
     """Streaming sums and cross-covariance (float64) of per-head outputs of one mapped layer pair."""
 
-    def __init__(self, h_old: int, hd_old: int, h_new: int, hd_new: int) -> None:
+    def __init__(self, h_old: int, hd_old: int, h_new: int, hd_new: int, device: torch.device | str = "cpu") -> None:
         self.shape = (h_old, hd_old, h_new, hd_new)
-        f64 = torch.float64
+        f64 = {"dtype": torch.float64, "device": device}  # on the activations' device
         self.n = 0
-        self.sum_old = torch.zeros(h_old * hd_old, dtype=f64)
-        self.sum_new = torch.zeros(h_new * hd_new, dtype=f64)
-        self.cross = torch.zeros(h_new * hd_new, h_old * hd_old, dtype=f64)
-        self.self_old = torch.zeros(h_old, hd_old, hd_old, dtype=f64)
-        self.self_new = torch.zeros(h_new, hd_new, hd_new, dtype=f64)
+        self.sum_old = torch.zeros(h_old * hd_old, **f64)
+        self.sum_new = torch.zeros(h_new * hd_new, **f64)
+        self.cross = torch.zeros(h_new * hd_new, h_old * hd_old, **f64)
+        self.self_old = torch.zeros(h_old, hd_old, hd_old, **f64)
+        self.self_new = torch.zeros(h_new, hd_new, hd_new, **f64)
 
     def update(self, y_old: torch.Tensor, y_new: torch.Tensor) -> None:
         """Rows of head outputs: y_old (n, H_old·hd_old), y_new (n, H_new·hd_new)."""
@@ -52,11 +52,11 @@ class HeadOutputStats:
         return cross, c_old, c_new
 
     def similarity(self) -> torch.Tensor:
-        """(H_new, H_old) linear CKA between every pair of head outputs."""
+        """(H_new, H_old) linear CKA between every pair of head outputs (on the CPU, for the matchers)."""
         cross, c_old, c_new = self._centred()
         num = cross.pow(2).sum((2, 3))
         den = c_new.pow(2).sum((1, 2)).sqrt()[:, None] * c_old.pow(2).sum((1, 2)).sqrt()[None, :]
-        return (num / den.clamp_min(1e-30)).float()
+        return (num / den.clamp_min(1e-30)).float().cpu()
 
     def value_maps(self, head_map: list[int | None]) -> torch.Tensor:
         """(H_new, hd_new, hd_old): per new head, the orthogonal map from its source head's output
@@ -67,7 +67,7 @@ class HeadOutputStats:
         for h, src in enumerate(head_map):
             if src is not None:
                 u, _, vh = torch.linalg.svd(cross[h, src], full_matrices=False)
-                maps[h] = (u @ vh).float()
+                maps[h] = (u @ vh).float().cpu()
         return maps
 
 
@@ -89,22 +89,24 @@ class NeuronSample:
             self.rows += take
 
     def correlation(self) -> torch.Tensor:
-        """(I_new, I_old) Pearson correlation of every neuron pair over the sampled tokens."""
+        """(I_new, I_old) Pearson correlation of every neuron pair over the sampled tokens (computed where they
+        were sampled, returned on the CPU)."""
         def standardise(parts: list[torch.Tensor]) -> torch.Tensor:
             z = torch.cat(parts).float()
             z = z - z.mean(0)
             return z / z.norm(dim=0).clamp_min(1e-12)
-        return standardise(self.new).T @ standardise(self.old)
+        return (standardise(self.new).T @ standardise(self.old)).cpu()
 
 
 @contextlib.contextmanager
 def captured_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """While active, ``store[name]`` holds the latest input of each named module (float32, CPU)."""
+    """While active, ``store[name]`` holds the latest input of each named module as the model computed it (its
+    dtype, its device: a copy to the host per hook would stall a GPU)."""
     store: dict[str, torch.Tensor] = {}
     handles = []
     for name in names:
         def hook(_module, args, name=name):
-            store[name] = args[0].detach().float().cpu()
+            store[name] = args[0].detach()
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         yield store

@@ -91,11 +91,11 @@ def _encode(tok, texts: list[str], seq_len: int) -> dict:
 @torch.no_grad()
 def residual_streams(model: nn.Module, batch: dict) -> torch.Tensor:
     """The residual stream entering every block and leaving the last: (L + 1, B, T, d), float32 on
-    CPU; index i is the input of block i, index i + 1 its output (the last one after the final
-    norm, as transformers returns it). Skips the LM head."""
+    the model's device, where the accumulators work; index i is the input of block i, index i + 1 its output
+    (the last one after the final norm, as transformers returns it). Skips the LM head."""
     device = next(model.parameters()).device
     out = model.base_model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
-    return torch.stack(out.hidden_states).float().cpu()
+    return torch.stack(out.hidden_states).float()
 
 
 def activation_rows(states: torch.Tensor, mask: torch.Tensor, pooled: bool, row_norm: bool) -> torch.Tensor:
@@ -104,7 +104,7 @@ def activation_rows(states: torch.Tensor, mask: torch.Tensor, pooled: bool, row_
     ``row_norm`` scales every row to unit length so that the few tokens carrying massive
     activations do not dominate linear CKA.
     """
-    m = mask.bool()
+    m = mask.to(states.device).bool()
     if pooled:
         w = m.float()[None, :, :, None]
         rows = (states * w).sum(2) / w.sum(2).clamp_min(1)

@@ -24,20 +24,20 @@ class CKAAccumulator(Protocol):
         """Add rows: ``old`` (L_old, n, d_old), ``new`` (L_new, n, d_new), the same n rows."""
 
     def result(self) -> torch.Tensor:
-        """The (L_old, L_new) CKA matrix."""
+        """The (L_old, L_new) CKA matrix, on the CPU."""
 
 
 class FeatureCKA:
     """Exact streaming linear CKA from accumulated (cross-)covariances."""
 
-    def __init__(self, n_old: int, d_old: int, n_new: int, d_new: int) -> None:
-        f64 = torch.float64
+    def __init__(self, n_old: int, d_old: int, n_new: int, d_new: int, device: torch.device | str = "cpu") -> None:
+        f64 = {"dtype": torch.float64, "device": device}  # on the activations' device
         self.n = 0
-        self.sum_x = torch.zeros(n_old, d_old, dtype=f64)
-        self.sum_y = torch.zeros(n_new, d_new, dtype=f64)
-        self.xx = torch.zeros(n_old, d_old, d_old, dtype=f64)
-        self.yy = torch.zeros(n_new, d_new, d_new, dtype=f64)
-        self.xy = torch.zeros(n_old, n_new, d_old, d_new, dtype=f64)
+        self.sum_x = torch.zeros(n_old, d_old, **f64)
+        self.sum_y = torch.zeros(n_new, d_new, **f64)
+        self.xx = torch.zeros(n_old, d_old, d_old, **f64)
+        self.yy = torch.zeros(n_new, d_new, d_new, **f64)
+        self.xy = torch.zeros(n_old, n_new, d_old, d_new, **f64)
 
     def update(self, old: torch.Tensor, new: torch.Tensor) -> None:
         x, y = old.double(), new.double()
@@ -57,7 +57,7 @@ class FeatureCKA:
         hsic_xy = cxy.pow(2).sum((-2, -1))
         norm_x = cxx.pow(2).sum((-2, -1)).sqrt()
         norm_y = cyy.pow(2).sum((-2, -1)).sqrt()
-        return hsic_xy / (norm_x[:, None] * norm_y[None, :]).clamp_min(_EPS)
+        return (hsic_xy / (norm_x[:, None] * norm_y[None, :]).clamp_min(_EPS)).cpu()
 
 
 def unbiased_hsic(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ class MinibatchCKA:
         if self.hsic_xy is None:
             raise ValueError(f"minibatch CKA needs at least 4 rows, got {self._buffered}")
         denom = (self.hsic_xx.clamp_min(_EPS)[:, None] * self.hsic_yy.clamp_min(_EPS)[None, :]).sqrt()
-        return self.hsic_xy / denom
+        return (self.hsic_xy / denom).cpu()
 
 
 def _self_hsic(k: torch.Tensor) -> torch.Tensor:
@@ -138,14 +138,16 @@ def feature_cka_bytes(n_old: int, d_old: int, n_new: int, d_new: int) -> int:
 
 
 def make_cka(
-    estimator: str, n_old: int, d_old: int, n_new: int, d_new: int, chunk: int, max_bytes: int
+    estimator: str, n_old: int, d_old: int, n_new: int, d_new: int, chunk: int, max_bytes: int,
+    device: torch.device | str = "cpu",
 ) -> tuple[str, CKAAccumulator]:
-    """Pick and build an estimator; ``auto`` takes the exact one when it fits in ``max_bytes``."""
+    """Pick and build an estimator accumulating on ``device``; ``auto`` takes the exact one when it fits in
+    ``max_bytes``."""
     if estimator == "auto":
         fits = feature_cka_bytes(n_old, d_old, n_new, d_new) <= max_bytes
         estimator = "feature" if fits else "minibatch"
     if estimator == "feature":
-        return estimator, FeatureCKA(n_old, d_old, n_new, d_new)
+        return estimator, FeatureCKA(n_old, d_old, n_new, d_new, device)
     if estimator == "minibatch":
         return estimator, MinibatchCKA(chunk)
     raise ValueError(f"unknown CKA estimator {estimator!r}")

@@ -37,7 +37,7 @@ def layer_similarity(old: nn.Module, new: nn.Module, batches: Iterable[tuple[dic
         (L_old, L_new) CKA, the estimator used, the number of rows (tokens or sequences).
     """
     name, acc = make_cka(estimator, old_spec.n_layers, old_spec.hidden, new_spec.n_layers,
-                         new_spec.hidden, chunk, max_bytes)
+                         new_spec.hidden, chunk, max_bytes, device=next(new.parameters()).device)
     rows = 0
     for i, (enc_old, enc_new) in enumerate(batches):
         x = activation_rows(residual_streams(old, enc_old)[1:], enc_old["attention_mask"], pooled, row_norm)
@@ -60,7 +60,7 @@ def fit_transfer(old: nn.Module, new: nn.Module, old_vocab: dict[str, int], new_
     """Fit T on the input embeddings of shared tokens; returns T and what to report about it."""
     e_old, e_new = input_embeddings(old), input_embeddings(new)
     ids_old, ids_new = shared_tokens(old_vocab, new_vocab, e_old.shape[0], e_new.shape[0])
-    stats = TransferStats(e_old.shape[1], e_new.shape[1])
+    stats = TransferStats(e_old.shape[1], e_new.shape[1], e_new.device)
     for rows_old, rows_new in zip(ids_old.split(_ROWS), ids_new.split(_ROWS), strict=True):
         stats.update(e_old[rows_old], e_new[rows_new])  # chunks: float64 copies of 150k-token tables add GBs
     t, cosine = stats.fit(method, ridge)
@@ -111,11 +111,15 @@ def activation_pass(old: nn.Module, new: nn.Module, batches: list[tuple[dict, di
                 x = activation_rows(x_all, m_old, pooled, row_norm)
                 y = activation_rows(y_all, m_new, pooled, row_norm)
                 for j, i in pairs:
-                    t_stats.setdefault(j, TransferStats(x.shape[-1], y.shape[-1])).update(x[i], y[j])
+                    if j not in t_stats:
+                        t_stats[j] = TransferStats(x.shape[-1], y.shape[-1], y.device)
+                    t_stats[j].update(x[i], y[j])
             for j, name_old, name_new in head_pairs:
                 yo = activation_rows(got_old[name_old][None], m_old, pooled, row_norm=False)[0]
                 yn = activation_rows(got_new[name_new][None], m_new, pooled, row_norm=False)[0]
-                h_stats.setdefault(j, HeadOutputStats(*shape)).update(yo, yn)
+                if j not in h_stats:
+                    h_stats[j] = HeadOutputStats(*shape, device=yn.device)
+                h_stats[j].update(yo, yn)
             for j, name_old, name_new in mlp_pairs:
                 zo = activation_rows(got_old[name_old][None], m_old, pooled, row_norm=False)[0]
                 zn = activation_rows(got_new[name_new][None], m_new, pooled, row_norm=False)[0]

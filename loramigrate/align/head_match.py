@@ -61,9 +61,10 @@ def head_similarity(old: LayerWeights, new: LayerWeights, transfer: torch.Tensor
         sketch: project the hidden dimension onto this many random directions first (seeded):
             8× less work at 512 for hidden 4096, at the price of approximate cosines.
     """
-    # float32 is plenty for cosines and halves the cost of the (H·hd)² × hidden products.
-    t = transfer.float()
-    s_in, s_out = _sketch(t.shape[1], sketch, seed), _sketch(t.shape[0], sketch, seed + 1)
+    # float32 is plenty for cosines and halves the cost of the (H·hd)² × hidden products; on the weights' device
+    t = transfer.float().to(old.q.device)
+    s_in, s_out = (None if s is None else s.to(t.device)
+                   for s in (_sketch(t.shape[1], sketch, seed), _sketch(t.shape[0], sketch, seed + 1)))
     t_in = t if s_in is None else t @ s_in  # new inputs → (sketched) old coordinates
     t_out = t.T if s_out is None else t.T @ s_out  # old outputs → (sketched) new coordinates
 
@@ -77,7 +78,7 @@ def head_similarity(old: LayerWeights, new: LayerWeights, transfer: torch.Tensor
 
     qk = _cosine(_circuit_inner(_cross(q_o, q_n), _cross(k_o, k_n)), _self_inner(q_o, k_o), _self_inner(q_n, k_n))
     ov = _cosine(_circuit_inner(_cross(o_o, o_n), _cross(v_o, v_n)), _self_inner(o_o, v_o), _self_inner(o_n, v_n))
-    return ((qk + ov) / 2).T
+    return ((qk + ov) / 2).T.cpu()
 
 
 def assign_hungarian(sim: torch.Tensor) -> HeadMap:
@@ -154,11 +155,11 @@ def head_space_maps(old: LayerWeights, new: LayerWeights, transfer: torch.Tensor
     mixing would break positions); v, and q/k without rotary embeddings, use an orthogonal Procrustes fit of the
     head weights through T.
     """
-    t = transfer.float()
+    t = transfer.float().to(old.q.device)  # the fits run on the weights' device; the maps return to the CPU
     hd_o, hd_n = old_spec.head_dim, new_spec.head_dim
-    maps = {role: torch.zeros(new_spec.n_heads, hd_n, hd_o) for role in ("q", "k", "v")}
+    maps = {role: torch.zeros(new_spec.n_heads, hd_n, hd_o, device=t.device) for role in ("q", "k", "v")}
     rope = old_spec.rope_theta and new_spec.rope_theta
-    cross = torch.zeros(new_spec.n_kv_heads, hd_n, hd_o)  # Σ of new · oldᵀ q/k rows per new kv group
+    cross = torch.zeros(new_spec.n_kv_heads, hd_n, hd_o, device=t.device)  # Σ of new · oldᵀ q/k rows per new kv group
     for h_new, h_old in enumerate(head_map):
         if h_old is None:
             continue
@@ -174,5 +175,5 @@ def head_space_maps(old: LayerWeights, new: LayerWeights, transfer: torch.Tensor
                                old_spec.rope_theta, new_spec.rope_theta, c) for c in cross]
         for h_new, h_old in enumerate(head_map):
             if h_old is not None:
-                maps["q"][h_new] = maps["k"][h_new] = rotary[h_new // new_spec.group_size]
-    return maps
+                maps["q"][h_new] = maps["k"][h_new] = rotary[h_new // new_spec.group_size].to(t.device)
+    return {role: m.cpu() for role, m in maps.items()}

@@ -23,15 +23,15 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def neuron_similarity(old: LayerWeights, new: LayerWeights, transfer: torch.Tensor) -> torch.Tensor:
-    """(I_new, I_old) mean cosine of input rows and output columns."""
-    t = transfer.float()
+    """(I_new, I_old) mean cosine of input rows and output columns, computed on the weights' device."""
+    t = transfer.float().to(old.up.device)
     in_old = torch.cat([w for w in (old.gate, old.up) if w is not None], 1)
     in_new = torch.cat([w @ t for w in (new.gate, new.up) if w is not None], 1)
     out_old = (t @ old.down).T  # (I_old, d_new)
     out_new = new.down.T
     sim_in = _unit_rows(in_new) @ _unit_rows(in_old).T
     sim_out = _unit_rows(out_new) @ _unit_rows(out_old).T
-    return (sim_in + sim_out) / 2
+    return ((sim_in + sim_out) / 2).cpu()
 
 
 def match_hungarian(sim: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ def fit_lstsq(xtx: torch.Tensor, ytx: torch.Tensor, ridge: float = 1e-4) -> torc
     λ is relative to the mean of diag(xᵀx)."""
     xtx = xtx.double()
     lam = ridge * xtx.diagonal().mean()
-    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype)
+    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
     return torch.linalg.solve(xtx + lam * eye, ytx.double().T).T.float()
 
 
@@ -50,7 +50,7 @@ TRANSFER_FITS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Ten
 }
 
 
-def fit_cosine(t: torch.Tensor, xtx: torch.Tensor, ytx: torch.Tensor, yty_trace: float) -> float:
+def fit_cosine(t: torch.Tensor, xtx: torch.Tensor, ytx: torch.Tensor, yty_trace: torch.Tensor) -> float:
     """Cosine between T·x and y over all rows, ⟨xTᵀ, y⟩ / (‖xTᵀ‖ ‖y‖), from the same statistics.
 
     1 means a perfect fit up to one global scale (the models differ in activation norms).
@@ -62,19 +62,20 @@ def fit_cosine(t: torch.Tensor, xtx: torch.Tensor, ytx: torch.Tensor, yty_trace:
 
 
 class TransferStats:
-    """Streaming xᵀx, yᵀx and ‖y‖² (float64) for one transfer-matrix fit."""
+    """Streaming xᵀx, yᵀx and ‖y‖² (float64, on the rows' ``device``) for one transfer-matrix fit."""
 
-    def __init__(self, d_old: int, d_new: int) -> None:
-        self.xtx = torch.zeros(d_old, d_old, dtype=torch.float64)
-        self.ytx = torch.zeros(d_new, d_old, dtype=torch.float64)
-        self.yty = 0.0
+    def __init__(self, d_old: int, d_new: int, device: torch.device | str = "cpu") -> None:
+        self.xtx = torch.zeros(d_old, d_old, dtype=torch.float64, device=device)
+        self.ytx = torch.zeros(d_new, d_old, dtype=torch.float64, device=device)
+        self.yty = torch.zeros((), dtype=torch.float64, device=device)  # a tensor: no host sync per batch
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
         self.xtx += x.T @ x
         self.ytx += y.T @ x
-        self.yty += float(y.pow(2).sum())
+        self.yty += y.pow(2).sum()
 
     def fit(self, method: str, ridge: float) -> tuple[torch.Tensor, float]:
+        """T (on the CPU) and its fit cosine."""
         t = TRANSFER_FITS[method](self.xtx, self.ytx, ridge)
-        return t, fit_cosine(t, self.xtx, self.ytx, self.yty)
+        return t.cpu(), fit_cosine(t, self.xtx, self.ytx, self.yty)

@@ -40,7 +40,8 @@ CKPT = "checkpoint.pt"
 @dataclass
 class LoraFactors:
     """One adapted module: its trainable factors, scale, the factors it is regularised toward, the
-    base weight, and the (s·B, A) pairs merged into it by ReLoRA restarts."""
+    base weight, the (s·B, A) pairs merged into it by ReLoRA restarts, and the weight as loaded (on the host,
+    from the first merge on: in bfloat16, subtracting the merged deltas would not give it back)."""
 
     a: nn.Parameter
     b: nn.Parameter
@@ -49,6 +50,7 @@ class LoraFactors:
     b0: torch.Tensor
     base: torch.Tensor
     merged: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    original: torch.Tensor | None = None
     init_sq: torch.Tensor = field(init=False)  # ‖s·B₀·A₀‖², constant, so computed once
 
     def __post_init__(self) -> None:
@@ -117,6 +119,25 @@ def head_parameters(model: nn.Module, factors: dict[str, LoraFactors]) -> dict[s
     """Trainable parameters outside the LoRA factors: the modules_to_save copies (a classifier head)."""
     lora = {id(p) for f in factors.values() for p in (f.a, f.b)}
     return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora}
+
+
+def fp32_trainables(model: nn.Module) -> None:
+    """Trainable weights in float32 over a half-precision base (mixed precision as the field does it: AdamW's
+    small updates would round away in bfloat16). PEFT already keeps LoRA factors in float32 and casts their
+    inputs; a trainable module in the base's dtype (a modules_to_save head) is cast here, with its inputs cast to
+    float32 and its outputs back to the dtype the rest of the model computes in."""
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]
+        if not own:
+            continue
+        dtype = own[0].dtype
+        module.float()
+        module.register_forward_pre_hook(lambda _m, args: tuple(_cast(a, torch.float32) for a in args))
+        module.register_forward_hook(lambda _m, _args, out, dtype=dtype: _cast(out, dtype))
+
+
+def _cast(x, dtype: torch.dtype):
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 def train(model: nn.Module, rows: list[dict], cfg: FinetuneConfig, batch_loss: BatchLoss, evaluate: EvalFn,
@@ -216,7 +237,7 @@ def read_checkpoint(path: Path) -> dict:
         ArtifactError: the file holds other objects, or cannot be read.
     """
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)  # the optimiser moves its state back
     except pickle.UnpicklingError:
         raise ArtifactError(f"refusing checkpoint {path}: it holds objects other than tensors and numbers, "
                             "which could run code; delete it to start over") from None
@@ -243,7 +264,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def _merge(f: LoraFactors, sb: torch.Tensor, a: torch.Tensor) -> None:
+    """Add s·B·A into the base weight, on its device; the first merge keeps the weight as loaded."""
     with torch.no_grad():
+        if f.original is None:
+            f.original = f.base.detach().to("cpu", copy=True)
+        sb, a = sb.to(f.base.device), a.to(f.base.device)
         f.base += (sb @ a).to(f.base.dtype)
     f.merged.append((sb, a))
 
@@ -251,10 +276,10 @@ def _merge(f: LoraFactors, sb: torch.Tensor, a: torch.Tensor) -> None:
 def restart(factors: dict[str, LoraFactors], opt: torch.optim.Optimizer, prune: float, seed: int) -> None:
     """ReLoRA (Lialin et al. 2023): fold s·B·A into the base weight, re-initialise A (Kaiming) and B (zero,
     so the model function is unchanged), and zero the ``prune`` fraction of smallest optimiser moments."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # on the host: a CPU and a CUDA run restart from the same A
     with torch.no_grad():
         for f in factors.values():
-            _merge(f, (f.scale * f.b).detach().cpu().clone(), f.a.detach().cpu().clone())
+            _merge(f, (f.scale * f.b).detach().clone(), f.a.detach().clone())
             bound = 1 / math.sqrt(f.a.shape[1])  # kaiming_uniform(a=√5), as PEFT initialises A
             f.a.copy_(torch.empty(f.a.shape).uniform_(-bound, bound, generator=g))
             f.b.zero_()
@@ -270,16 +295,16 @@ def restart(factors: dict[str, LoraFactors], opt: torch.optim.Optimizer, prune: 
 
 
 def fold_restarts(factors: dict[str, LoraFactors], rank: int) -> None:
-    """After training with restarts: restore each base weight and put Σ merged + current deltas back
-    into the factors, re-factorised to ``rank`` (from the stacked factors, never densely)."""
+    """After training with restarts: restore each base weight exactly as loaded and put Σ merged + current deltas
+    back into the factors, re-factorised to ``rank`` (from the stacked factors, never densely)."""
     with torch.no_grad():
         for f in factors.values():
             if not f.merged:
                 continue
-            sbs = [sb for sb, _ in f.merged] + [(f.scale * f.b).detach().cpu()]
-            a_s = [a for _, a in f.merged] + [f.a.detach().cpu()]
-            for sb, a in f.merged:
-                f.base -= (sb @ a).to(f.base.dtype)
+            sbs = [sb for sb, _ in f.merged] + [(f.scale * f.b).detach()]
+            a_s = [a for _, a in f.merged] + [f.a.detach()]
+            f.base.copy_(f.original)
+            f.original = None
             b_k, a_k, _ = refactor(torch.cat(sbs, 1), torch.cat(a_s, 0), rank=rank)
             f.b.copy_((b_k / f.scale).to(f.b.dtype))
             f.a.copy_(a_k.to(f.a.dtype))
@@ -299,7 +324,8 @@ def _checkpoint(path: Path, factors: dict[str, LoraFactors], head: dict[str, nn.
                 step: int, elapsed: float, history: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)  # created at the first checkpoint: a failure before leaves nothing
     tmp = path.with_suffix(".tmp")
-    torch.save({"rng": rng_state(), "factors": {n: {"a": f.a.detach().cpu(), "b": f.b.detach().cpu(), "merged": f.merged}
+    torch.save({"rng": rng_state(), "factors": {n: {"a": f.a.detach().cpu(), "b": f.b.detach().cpu(),
+                                                    "merged": [(sb.cpu(), a.cpu()) for sb, a in f.merged]}
                             for n, f in factors.items()},
                 "head": {n: p.detach().cpu() for n, p in head.items()},
                 "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed, "log": history}, tmp)

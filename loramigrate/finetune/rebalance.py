@@ -23,10 +23,11 @@ def _sym_power(m: torch.Tensor, power: float) -> torch.Tensor:
 
 
 def rebalance_full(b: torch.Tensor, a: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced factors BP, P⁻¹A with equal r × r Gram matrices, same product."""
+    """Balanced factors BP, P⁻¹A with equal r × r Gram matrices, same product; computed in float64 (the square
+    roots of ill-conditioned Grams) on the factors' device."""
     dtype = b.dtype
     b64, a64 = b.double(), a.double()
-    eye = torch.eye(b.shape[1], dtype=torch.float64)
+    eye = torch.eye(b.shape[1], dtype=torch.float64, device=b.device)
     gb = b64.T @ b64 + eps * eye
     ga = a64 @ a64.T + eps * eye
     gb_half, gb_inv_half = _sym_power(gb, 0.5), _sym_power(gb, -0.5)

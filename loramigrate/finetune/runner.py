@@ -26,7 +26,7 @@ from loramigrate.artifacts import (
 from loramigrate.config import FinetuneConfig
 from loramigrate.errors import ArtifactError, ConfigError
 from loramigrate.evaluate import METRIC, Task, read_task, task_metrics
-from loramigrate.finetune.loop import train
+from loramigrate.finetune.loop import fp32_trainables, train
 from loramigrate.finetune.objective import OBJECTIVES, Distill, mean_loss
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
 from loramigrate.models import ModelRef, attach_adapter, load_tokenizer, load_with_new_modules, resolve_model
@@ -96,6 +96,23 @@ def _peft_model(cfg: FinetuneConfig, base, new_modules: list[str], classificatio
     return model
 
 
+def checkpoint_activations(model) -> None:
+    """transformers' activation (gradient) checkpointing, non-reentrant: the frozen embeddings' outputs need not
+    require grad for the LoRA factors inside a checkpointed block to get theirs.
+
+    Raises:
+        ConfigError: the architecture does not support it.
+    """
+    kwargs = {"use_reentrant": False}
+    try:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed gradient_checkpointing_enable
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    except ValueError as e:
+        raise ConfigError(f"--grad-checkpointing: {e}") from None
+
+
 def run_finetune(cfg: FinetuneConfig, out_dir: Path, progress: ProgressFn = no_progress, force: bool = False) -> bool:
     """Fine-tune ``cfg.init`` (or a fresh LoRA) on ``cfg.data`` into ``out_dir``; resumable.
 
@@ -155,6 +172,9 @@ def _finetune(cfg: FinetuneConfig, ref: ModelRef, task: Task, val_rows: list[dic
     base, new_modules = load_with_new_modules(ref, cfg.load.dtype, cfg.load.device,
                                               num_labels=len(task.labels) if classification else None)
     model = _peft_model(cfg, base, new_modules, classification)
+    fp32_trainables(model)
+    if cfg.grad_checkpointing:
+        checkpoint_activations(model.get_base_model())
     task, val_rows, distill = _distillation(cfg, model, tok, task, val_rows, progress)
     val_task = Task(task.kind, val_rows, task.labels)
     kl = OBJECTIVES[task.kind](tok, task, cfg.max_len, replace(distill, weight=1.0)) if distill else None

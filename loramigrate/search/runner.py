@@ -28,7 +28,7 @@ from loramigrate.errors import ArtifactError, ConfigError, LoramigrateError
 from loramigrate.evaluate import Task, read_task
 from loramigrate.finetune.objective import OBJECTIVES, BatchLoss, Distill
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
-from loramigrate.models import ModelRef, load_model, load_tokenizer, resolve_model
+from loramigrate.models import ModelRef, load_model, load_tokenizer, resolve_model, resolved_load
 from loramigrate.progress import ProgressFn, no_progress
 from loramigrate.search.core import SCORES, BlendScorer, adapted_layers, apply_blend, ingredients, module_sites
 from loramigrate.search.evolution import base_evolution
@@ -129,8 +129,12 @@ def fidelity_finetune(cfg: SearchConfig, new: ModelRef) -> FinetuneConfig:
 
 
 def _evolution(cfg: SearchConfig, alignment: Alignment, layers, progress: ProgressFn):
+    # both bases on the host, in the dtype the run computes in (bf16 for auto on a GPU: not 56 GB of fp32 for a 7B
+    # pair); the difference is taken tensor by tensor in fp32
+    dtype = resolved_load(cfg.load.dtype, cfg.load.device)["dtype"]
+
     def load_bases():
-        return tuple(load_model(resolve_model(alignment.base(side)), cfg.load.dtype, "cpu") for side in ("old", "new"))
+        return tuple(load_model(resolve_model(alignment.base(side)), dtype, "cpu") for side in ("old", "new"))
     wanted = sorted(set(module_sites(layers, alignment).values()))
     return base_evolution(Path(cfg.align), alignment, wanted, cfg.evolution_rank, load_bases, progress)
 

@@ -160,6 +160,7 @@ def ridge_select(x: torch.Tensor, y: torch.Tensor, bias: bool = False, seed: int
     Few rows against wide inputs (a pooler sees one row per prompt) would otherwise be interpolated,
     not fitted. Returns W and {ridge, heldout_r2}.
     """
+    x, y = x.float(), y.float()  # rows of a half-precision model
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     cut = max(1, x.shape[0] // 5)
     test, fit = order[:cut], order[cut:]
@@ -170,7 +171,8 @@ def ridge_select(x: torch.Tensor, y: torch.Tensor, bias: bool = False, seed: int
 
 
 def old_effects(old_model: nn.Module, batches: list[Batch], layers: set[int]) -> tuple[dict, dict]:
-    """Per batch and old layer in ``layers``: the adapter's effect h^{old+A} − h^old and the plain h^old."""
+    """Per batch and old layer in ``layers``: the adapter's effect h^{old+A} − h^old (float32: in a half-precision
+    model the difference of two nearby streams would keep few bits) and the plain h^old."""
     effects: dict[int, list[torch.Tensor]] = {lay: [] for lay in layers}
     plain: dict[int, list[torch.Tensor]] = {lay: [] for lay in layers}
     for batch in batches:
@@ -178,7 +180,7 @@ def old_effects(old_model: nn.Module, batches: list[Batch], layers: set[int]) ->
         with old_model.disable_adapter():
             _, without = block_io(old_model, batch)
         for lay in layers:
-            effects[lay].append(with_adapter[lay] - without[lay])
+            effects[lay].append(with_adapter[lay].float() - without[lay].float())
             plain[lay].append(without[lay])
     return effects, plain
 
@@ -188,7 +190,7 @@ def _lora_params(block: nn.Module) -> list[nn.Parameter]:
 
 
 def _masked_sq(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (diff.pow(2).sum(-1) * mask).sum()
+    return (diff.float().pow(2).sum(-1) * mask).sum()  # float32 sums of squares, whatever the model's dtype
 
 
 @dataclass
@@ -258,7 +260,7 @@ def _writer_io(fit: BlockFit, path: str) -> tuple[torch.Tensor, torch.Tensor]:
                 seen[-1] = _tokens(seen[-1], m)
     finally:
         handle.remove()
-    return torch.cat(seen), torch.cat(outs)
+    return torch.cat(seen).float(), torch.cat(outs).float()
 
 
 def solve_rrr(fit: BlockFit, opts: FitOptions) -> None:

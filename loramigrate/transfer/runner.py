@@ -139,6 +139,12 @@ def _num_labels(adapter: LoraAdapter) -> int | None:
     return heads[-1].shape[0] if heads else None
 
 
+def reload_tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """How far float32 values may move when PEFT holds them in ``dtype``: its rounding (relative), float32's
+    1e-5 at least; PEFT keeps LoRA factors in float32 over a half-precision base, but need not."""
+    return {"rtol": max(torch.finfo(dtype).eps, 1e-5), "atol": 1e-5}
+
+
 def verify_with_peft(out_dir: Path, new_base: str, load_cfg, adapter: LoraAdapter) -> None:
     """Reload with stock PEFT onto the new base; every written module must be matched, finite, non-zero.
 
@@ -159,8 +165,10 @@ def verify_with_peft(out_dir: Path, new_base: str, load_cfg, adapter: LoraAdapte
         raise ArtifactError(f"PEFT did not match the written adapter: unmatched {missing[:3]}, unexpected {extra[:3]}")
     for name, m in written.items():
         layer = adapted[name]
-        a, b = layer.lora_A["default"].weight.detach().float().cpu(), layer.lora_B["default"].weight.detach().float().cpu()
-        if not (torch.allclose(a, m.a, atol=1e-5) and torch.allclose(b, m.b, atol=1e-5)):
+        loaded = layer.lora_A["default"].weight
+        tol = reload_tolerance(loaded.dtype)
+        a, b = loaded.detach().float().cpu(), layer.lora_B["default"].weight.detach().float().cpu()
+        if not (torch.allclose(a, m.a, **tol) and torch.allclose(b, m.b, **tol)):
             raise ArtifactError(f"{name}: PEFT loaded other weights than were written")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ArtifactError(f"{name}: non-finite values in the transferred adapter")
