@@ -33,6 +33,7 @@ from loramigrate.search import run_search
 from loramigrate.transfer import run_transfer
 
 log = logging.getLogger(__name__)
+ARMS = {"transfer": "transfer only", "search": "searched init", "finetune": "final (finetuned)"}  # the eval's rows
 
 
 @dataclass
@@ -108,6 +109,15 @@ def check_inputs(recipe: Recipe) -> None:
         read_task(path, unlabelled=unlabelled)
 
 
+def run_layout(recipe: Recipe, run_dir: Path, align_dir: Path) -> list[str]:
+    """The adapters' folder names in the run, each refused where its folder would overlap the alignment or an
+    input (e.g. an adapter named `align` would write its stages into the alignment)."""
+    names = adapter_names(recipe.adapters)
+    for name in names:
+        refuse_overlap(run_dir / name, [align_dir, *recipe.adapters])
+    return names
+
+
 def run_recipe(recipe: Recipe, run_dir: Path, force_from: str | None = None, align_dir: Path | None = None,
                progress: ProgressFn = no_progress) -> list[AdapterRun]:
     """align → transfer → search → finetune → eval for every adapter of ``recipe``; returns what was done.
@@ -117,11 +127,9 @@ def run_recipe(recipe: Recipe, run_dir: Path, force_from: str | None = None, ali
     if force_from is not None and force_from not in STAGES:
         raise ConfigError(f"--from {force_from!r}: expected one of {', '.join(STAGES)}")
     forced = set(STAGES[STAGES.index(force_from):]) if force_from else set()
-    names = adapter_names(recipe.adapters)
     run_dir = Path(run_dir)
     align_out = Path(align_dir) if align_dir else run_dir / "align"
-    for name in names:  # e.g. an adapter named `align` would write its stages into the alignment
-        refuse_overlap(run_dir / name, [align_out, *recipe.adapters])
+    names = run_layout(recipe, run_dir, align_out)
     check_inputs(recipe)
     align_ran = run_align(recipe.align_config(), align_out, progress, force="align" in forced)
     runs = []
@@ -173,9 +181,8 @@ def _comparison(recipe: Recipe, r: AdapterRun) -> Comparison:
     """The report's comparison on the test split: old base + old adapter (the reference for negative flips), new
     base alone, the old adapter copied onto the new base where shapes allow, each stage, and the proxy ensemble
     where the task is generation and the bases share a vocabulary."""
-    labels = {"transfer": "transfer only", "search": "searched init", "finetune": "final (finetuned)"}
     arms = [Pair("copy (old adapter as is)", recipe.new, r.source),
-            *(Pair(labels[s], recipe.new, str(r.dirs[s])) for s in labels if s in r.dirs)]
+            *(Pair(ARMS[s], recipe.new, str(r.dirs[s])) for s in ARMS if s in r.dirs)]
     generation = read_task(recipe.data.test, 1).kind == "generation"
     proxy = generation and shared_vocabulary(resolve_model(recipe.old), resolve_model(recipe.new))
     return Comparison(recipe.data.test, Pair("new base alone", recipe.new), tuple(arms),
@@ -228,11 +235,16 @@ def write_report(recipe: Recipe, runs: list[AdapterRun], run_dir: Path, elapsed:
                          for p in plots] + [""]
         summary["adapters"][r.name] = {"final": str(r.final), "results": r.results, "stages": costs}
     report = run_dir / "report.md"
-    for path, text in ((report, "\n".join(lines)), (run_dir / "summary.json", json.dumps(summary, indent=2))):
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # concurrent runs never share a temp file
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_atomically(report, "\n".join(lines))
+    write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
     return report
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A report file that is either the old one or the new one, never half written."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # concurrent runs never share a temp file
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def timed_run(recipe: Recipe, run_dir: Path, force_from: str | None = None, align_dir: Path | None = None,
