@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from loramigrate.cli._options import with_config
+from loramigrate.cli._options import RecipeSetOpt, with_config
 from loramigrate.cli._ui import err_console, fleet_progress, handle_errors, print_error
 from loramigrate.config import FleetConfig
 
@@ -28,8 +28,7 @@ def fleet(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (RUN/align, RUN/<adapter>/<stage>).")],
     adapters: Annotated[Path | None, typer.Option(
         help="A directory of adapter directories, or a file listing one per line (default: the recipe's).")] = None,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a recipe value: STAGE.KEY=VALUE or KEY=VALUE at the top (VALUE as YAML).")] = None,
+    set_: RecipeSetOpt = None,
 ) -> None:
     """Migrate every adapter with one shared alignment; finished stages are kept, and a failing adapter stops
     alone (exit code 1 at the end). Writes RUN/fleet.md and RUN/fleet.json and prints fleet.md's path."""
