@@ -167,7 +167,9 @@ def fleet_progress(adapters: list[str], stages: tuple[str, ...]) -> Iterator[Cal
 def _task_text(result: dict | None) -> str:
     if result is None:
         return "[yellow]running[/]"
-    return f"[red]{_plain(result)}[/]" if "error" in result else _plain(result)
+    if "error" in result:  # the reasons come after the table
+        return "[dim]not run[/]" if "failed_in" in result else "[red]failed[/]"
+    return _plain(result)
 
 
 def _plain(result: dict) -> str:
