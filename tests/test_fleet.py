@@ -35,7 +35,6 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(models):
     """One local Ray cluster for the module; its workers see the debug models' variable and this checkout."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     path = os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": path, "LORAMIGRATE_DEBUG_MODELS": str(models)}})
