@@ -12,11 +12,16 @@ from loramigrate.config import FleetConfig
 EXAMPLES = """
 Examples:
 
-  loramigrate fleet recipes/minilm-l3-to-l6.yaml --adapters adapters/ -o runs/fleet
+  loramigrate fleet RECIPE --adapters adapters/ -o runs/fleet
 
-  # on Ray: a private local cluster of 4 CPUs, or the cluster `ray start` joined this machine to
-  loramigrate fleet RECIPE --adapters adapters/ -o runs/fleet --engine ray --workers 4
-  loramigrate fleet RECIPE --adapters list.txt -o /shared/runs/fleet --engine ray --address auto --gpus 0.5
+  # on a private local Ray cluster of 4 CPUs
+  loramigrate fleet RECIPE --adapters a/ -o runs/f --engine ray --workers 4
+
+  # on the Ray cluster this machine joined (`ray start`); l lists adapters
+  loramigrate fleet RECIPE --adapters l -o /nfs --engine ray --address auto
+
+  # half a GPU per task
+  loramigrate fleet RECIPE --adapters l -o /nfs --engine ray --gpus 0.5
 """
 
 
