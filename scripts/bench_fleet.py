@@ -62,7 +62,8 @@ def main() -> None:
     print("| arm | wall s | CPU s | wall per adapter s | amortised compute per adapter s |")
     print("|---|---|---|---|---|")
     print(f"| shell loop (migrate_many.sh, 1 at a time) | {loop[0]:.0f} | {loop[1]:.0f} | {loop[0] / args.n:.1f} | – |")
-    print(f"| fleet ({args.engine}, {args.workers} workers) | {fleet[0]:.0f} | {fleet[1]:.0f} | {fleet[0] / args.n:.1f} | "
+    cpu = f"{fleet[1]:.0f}" if args.engine == "local" else "–"  # Ray's workers are not this script's children
+    print(f"| fleet ({args.engine}, {args.workers} workers) | {fleet[0]:.0f} | {cpu} | {fleet[0] / args.n:.1f} | "
           f"{totals['amortised_s']} |")
 
 
