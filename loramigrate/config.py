@@ -311,3 +311,31 @@ class SearchConfig(_Config):
         if self.fidelity_steps:
             refuse_fp16_training(self.load, "the multi-fidelity objective")
         return self
+
+
+class FleetConfig(_Config):
+    """How `loramigrate fleet` spreads a recipe's adapters (a recipe's ``fleet:``; the command's options override
+    it). Every task (the alignment, each adapter's stages) asks the engine for the same resources."""
+
+    model_config = ConfigDict(title="Fleet")
+
+    engine: Literal["local", "ray"] = Field(
+        "local", description="local: this machine (in this process, or --workers processes); ray: a Ray cluster.")
+    address: str | None = Field(None, description="Ray cluster to join: auto (one `ray start` began on this machine) "
+                                "or ray://HOST:10001; default: a private local cluster with --workers CPUs.")
+    workers: int = Field(1, ge=1, description="Tasks at once on this machine: processes (local; 1: in this process) "
+                         "or the private Ray cluster's CPUs.")
+    cpus: float = Field(1, gt=0, description="CPUs per task (Ray's num_cpus).")
+    gpus: float = Field(0, ge=0, description="GPUs per task (Ray's num_gpus); a fraction packs several tasks on one "
+                        "GPU: only where measured to fit its memory.")
+    memory_gb: float | None = Field(None, gt=0, description="Memory per task in GB (Ray's memory): Ray starts no more "
+                                    "tasks on a node than fit.")
+    search_workers: int = Field(1, ge=1, description="Tasks that search one adapter together, on one Optuna journal "
+                                "(RUN/<adapter>/search-study.log).")
+
+    @field_validator("gpus")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and not float(v).is_integer():
+            raise ValueError(f"{v}: a task takes a fraction of one GPU or whole GPUs")
+        return v

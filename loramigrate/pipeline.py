@@ -33,6 +33,7 @@ from loramigrate.search import run_search
 from loramigrate.transfer import run_transfer
 
 log = logging.getLogger(__name__)
+ARMS = {"transfer": "transfer only", "search": "searched init", "finetune": "final (finetuned)"}  # the eval's rows
 
 
 @dataclass
@@ -107,6 +108,16 @@ def check_inputs(recipe: Recipe) -> None:
     for path, unlabelled in lenient.items():
         read_task(path, unlabelled=unlabelled)
 
+
+def run_layout(recipe: Recipe, run_dir: Path, align_dir: Path) -> list[str]:
+    """The adapters' folder names in the run, each refused where its folder would overlap the alignment or an
+    input (e.g. an adapter named `align` would write its stages into the alignment)."""
+    names = adapter_names(recipe.adapters)
+    for name in names:
+        refuse_overlap(run_dir / name, [align_dir, *recipe.adapters])
+    return names
+
+
 def run_recipe(recipe: Recipe, run_dir: Path, force_from: str | None = None, align_dir: Path | None = None,
                progress: ProgressFn = no_progress) -> list[AdapterRun]:
     """align → transfer → search → finetune → eval for every adapter of ``recipe``; returns what was done.
@@ -116,49 +127,62 @@ def run_recipe(recipe: Recipe, run_dir: Path, force_from: str | None = None, ali
     if force_from is not None and force_from not in STAGES:
         raise ConfigError(f"--from {force_from!r}: expected one of {', '.join(STAGES)}")
     forced = set(STAGES[STAGES.index(force_from):]) if force_from else set()
-    names = adapter_names(recipe.adapters)
     run_dir = Path(run_dir)
     align_out = Path(align_dir) if align_dir else run_dir / "align"
-    for name in names:  # e.g. an adapter named `align` would write its stages into the alignment
-        refuse_overlap(run_dir / name, [align_out, *recipe.adapters])
+    names = run_layout(recipe, run_dir, align_out)
     check_inputs(recipe)
     align_ran = run_align(recipe.align_config(), align_out, progress, force="align" in forced)
     runs = []
     for name, source in zip(names, recipe.adapters, strict=True):
-        r = AdapterRun(name=name, source=source, dirs={"align": align_out}, ran={"align": align_ran})
-        _migrate(recipe, r, run_dir / name, forced, progress)
+        r = adapter_run(recipe, name, source, run_dir, align_out)
+        r.ran["align"] = align_ran
+        for stage in adapter_stages(recipe):
+            run_stage(recipe, r, stage, stage in forced, progress)
         runs.append(r)
     return runs
 
 
-def _migrate(recipe: Recipe, r: AdapterRun, base: Path, forced: set[str], progress: ProgressFn) -> None:
-    """transfer → search → finetune → eval of one adapter, each stage kept when its manifest matches."""
-    align = str(r.dirs["align"])
-    r.dirs["transfer"] = init = base / "transfer"
-    r.ran["transfer"] = run_transfer(recipe.transfer_config(align, r.source), init, force="transfer" in forced,
-                                     progress=progress)
-    if recipe.search is not None:
-        r.dirs["search"] = out = base / "search"
-        r.ran["search"] = run_search(recipe.search_config(align, str(init), r.source), out, progress,
-                                     force="search" in forced)
-        init = out
-    if recipe.finetune is not None:
-        r.dirs["finetune"] = out = base / "finetune"
-        r.ran["finetune"] = run_finetune(recipe.finetune_config(str(init), r.source), out, progress,
-                                         force="finetune" in forced)
-    r.dirs["eval"] = out = base / "eval"
-    r.ran["eval"] = run_eval(recipe.eval_config(), _comparison(recipe, r), out, progress, force="eval" in forced)
-    results = json.loads((out / RESULTS).read_text())
-    r.results = [results["reference"], *results["results"]]
+def adapter_stages(recipe: Recipe) -> tuple[str, ...]:
+    """An adapter's stages after the shared alignment: every one the recipe does not skip (``search: null``)."""
+    return tuple(s for s in STAGES[1:] if getattr(recipe, s) is not None)
+
+
+def adapter_run(recipe: Recipe, name: str, source: str, run_dir: Path, align_dir: Path) -> AdapterRun:
+    """An adapter's stage directories in the run layout, where every stage finds the ones before it: a stage
+    can run in another process, or on another machine sharing the run directory."""
+    base = Path(run_dir) / name
+    return AdapterRun(name=name, source=source,
+                      dirs={"align": Path(align_dir), **{s: base / s for s in adapter_stages(recipe)}})
+
+
+def run_stage(recipe: Recipe, r: AdapterRun, stage: str, force: bool = False, progress: ProgressFn = no_progress) -> None:
+    """One stage of one adapter, kept when its manifest matches; it starts from the latest stage before it."""
+    align, out = str(r.dirs["align"]), r.dirs[stage]
+    before = list(r.dirs)[1:list(r.dirs).index(stage)]  # the adapter's stages that ran before this one
+    init = str(r.dirs[before[-1]]) if before else None
+    runners = {
+        "transfer": lambda: run_transfer(recipe.transfer_config(align, r.source), out, force=force, progress=progress),
+        "search": lambda: run_search(recipe.search_config(align, init, r.source), out, progress, force=force),
+        "finetune": lambda: run_finetune(recipe.finetune_config(init, r.source), out, progress, force=force),
+        "eval": lambda: run_eval(recipe.eval_config(), _comparison(recipe, r), out, progress, force=force),
+    }
+    r.ran[stage] = runners[stage]()
+    if stage == "eval":
+        r.results = eval_rows(out)
+
+
+def eval_rows(eval_dir: Path) -> list[dict]:
+    """An eval stage's rows, the reference (old base + old adapter) first."""
+    results = json.loads((Path(eval_dir) / RESULTS).read_text())
+    return [results["reference"], *results["results"]]
 
 
 def _comparison(recipe: Recipe, r: AdapterRun) -> Comparison:
     """The report's comparison on the test split: old base + old adapter (the reference for negative flips), new
     base alone, the old adapter copied onto the new base where shapes allow, each stage, and the proxy ensemble
     where the task is generation and the bases share a vocabulary."""
-    labels = {"transfer": "transfer only", "search": "searched init", "finetune": "final (finetuned)"}
     arms = [Pair("copy (old adapter as is)", recipe.new, r.source),
-            *(Pair(labels[s], recipe.new, str(r.dirs[s])) for s in labels if s in r.dirs)]
+            *(Pair(ARMS[s], recipe.new, str(r.dirs[s])) for s in ARMS if s in r.dirs)]
     generation = read_task(recipe.data.test, 1).kind == "generation"
     proxy = generation and shared_vocabulary(resolve_model(recipe.old), resolve_model(recipe.new))
     return Comparison(recipe.data.test, Pair("new base alone", recipe.new), tuple(arms),
@@ -213,11 +237,16 @@ def write_report(recipe: Recipe, runs: list[AdapterRun], run_dir: Path, elapsed:
                          for p in plots] + [""]
         summary["adapters"][r.name] = {"final": str(r.final), "results": r.results, "stages": costs}
     report = run_dir / "report.md"
-    for path, text in ((report, "\n".join(lines)), (run_dir / "summary.json", json.dumps(summary, indent=2))):
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # concurrent runs never share a temp file
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_atomically(report, "\n".join(lines))
+    write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
     return report
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A report file that is either the old one or the new one, never half written."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # concurrent runs never share a temp file
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def timed_run(recipe: Recipe, run_dir: Path, force_from: str | None = None, align_dir: Path | None = None,

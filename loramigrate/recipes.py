@@ -19,6 +19,7 @@ from loramigrate.config import (
     AlignConfig,
     EvalConfig,
     FinetuneConfig,
+    FleetConfig,
     ModelLoadConfig,
     SearchConfig,
     TransferConfig,
@@ -84,6 +85,7 @@ class Recipe(_Config):
     search: dict[str, Any] | None = {}  # null: skip the stage (finetune starts from the transfer)
     finetune: dict[str, Any] | None = {}  # null: skip the stage (the final adapter is the search's or transfer's)
     eval: dict[str, Any] = {}
+    fleet: FleetConfig = FleetConfig()  # `loramigrate fleet` only: engine, resources per task
 
     _paths = field_validator("old", "new", "make_adapter", mode="before")(lambda cls, v: _expand(v))
 

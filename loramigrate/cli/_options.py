@@ -32,6 +32,8 @@ ForceOpt = Annotated[bool, flag("--force", help="Redo the stage even if its outp
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override an option: KEY=VALUE (VALUE as YAML, KEY as in a recipe section, e.g. load.dtype); "
     "applied after the options above.")]
+RecipeSetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a recipe value: STAGE.KEY=VALUE or KEY=VALUE at the top (VALUE as YAML).")]
 
 
 def _cli_type(annotation: Any) -> Any:

@@ -14,9 +14,11 @@ from typing import Any, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.live import Live
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from loramigrate.config import explain
 from loramigrate.errors import LoramigrateError
@@ -124,3 +126,53 @@ def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+@contextlib.contextmanager
+def fleet_progress(adapters: list[str], stages: tuple[str, ...]) -> Iterator[Callable[[Any, dict | None], None]]:
+    """The fleet's task events (``fleet.graph.Event``) on stderr: a live table, adapter × stage, on a terminal;
+    elsewhere one line per finished task; nothing when quiet."""
+    if state["quiet"]:
+        yield lambda task, result: None
+        return
+    cells = {adapter: dict.fromkeys(stages, "·") for adapter in adapters}
+    align = ["·"]
+
+    def table() -> Table:
+        t = Table(title=f"fleet: alignment {align[0]}", title_justify="left")
+        for col in ("adapter", *stages):
+            t.add_column(col)
+        for adapter, row in cells.items():
+            t.add_row(adapter, *row.values())
+        return t
+
+    def event(task: Any, result: dict | None) -> None:
+        text = _task_text(result)
+        if task.adapter is None:
+            align[0] = text
+        else:
+            label = task.id.rpartition("/")[2]  # a search worker's: search-worker-<i>
+            cells[task.adapter][task.stage] = text if label == task.stage else f"{label} {text}"
+        if live is not None:
+            live.update(table())
+        elif result is not None:
+            where = f" on {result['host']}:{result['pid']}" if "pid" in result else ""
+            log.info("%s: %s%s", task.id, _plain(result), where)
+
+    live = Live(table(), console=err_console, refresh_per_second=2) if err_console.is_terminal else None
+    with live or contextlib.nullcontext():
+        yield event
+
+
+def _task_text(result: dict | None) -> str:
+    if result is None:
+        return "[yellow]running[/]"
+    if "error" in result:  # the reasons come after the table
+        return "[dim]not run[/]" if "failed_in" in result else "[red]failed[/]"
+    return _plain(result)
+
+
+def _plain(result: dict) -> str:
+    if "error" in result:
+        return f"failed in {result['failed_in']}" if "failed_in" in result else f"failed: {result['error']}"
+    return f"ran {result['wall_s']:.0f} s" if result["ran"] else "kept"

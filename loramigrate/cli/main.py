@@ -16,6 +16,8 @@ from loramigrate.cli.evaluate import EXAMPLES as EVAL_EXAMPLES
 from loramigrate.cli.evaluate import evaluate
 from loramigrate.cli.finetune import EXAMPLES as FINETUNE_EXAMPLES
 from loramigrate.cli.finetune import finetune
+from loramigrate.cli.fleet import EXAMPLES as FLEET_EXAMPLES
+from loramigrate.cli.fleet import fleet
 from loramigrate.cli.run import EXAMPLES as RUN_EXAMPLES
 from loramigrate.cli.run import run
 from loramigrate.cli.search import EXAMPLES as SEARCH_EXAMPLES
@@ -100,6 +102,7 @@ def main(
 
 app.command(cls=Command, epilog=DEMO_EXAMPLES)(demo)
 app.command(cls=Command, epilog=RUN_EXAMPLES)(run)
+app.command(cls=Command, epilog=FLEET_EXAMPLES)(fleet)
 app.command(cls=Command, epilog=ALIGN_EXAMPLES)(align)
 app.command(cls=Command, epilog=TRANSFER_EXAMPLES)(transfer)
 app.command(cls=Command, epilog=SEARCH_EXAMPLES)(search)

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from loramigrate.cli._options import flag, with_config
+from loramigrate.cli._options import RecipeSetOpt, flag, with_config
 from loramigrate.cli._ui import handle_errors, progress_bars
 from loramigrate.config import ModelLoadConfig
 
@@ -28,8 +28,7 @@ def run(
     load: dict[str, str],
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (one folder per stage and adapter).")],
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a recipe value: STAGE.KEY=VALUE or KEY=VALUE at the top (VALUE as YAML).")] = None,
+    set_: RecipeSetOpt = None,
     adapter: Annotated[list[Path] | None, typer.Option(help="Migrate these adapters instead of the recipe's.")] = None,
     align_dir: Annotated[Path | None, typer.Option(help="Shared alignment directory (default: RUN/align).")] = None,
     from_: Annotated[str | None, typer.Option("--from", help="Redo this stage and every later one.")] = None,
