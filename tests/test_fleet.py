@@ -162,11 +162,16 @@ def test_search_workers_share_one_study_of_the_adapter(models, cluster, tmp_path
     assert result.exit_code == 0, result.output
     journal = out / "b" / "search-study.log"
     search = json.loads((out / "b" / "search" / "manifest.json").read_text())
-    assert search["config"]["storage"] == str(journal) and search["search"]["trials"] == 4
     study = optuna.load_study(study_name="b", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(journal))))
-    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(done) == 4  # together, not 4 each (a worker late for the last one prunes its extra trial)
+    states = optuna.trial.TrialState
+    done = study.get_trials(states=(states.COMPLETE,))
+    pruned = study.get_trials(states=(states.PRUNED,))
+    assert search["config"]["storage"] == str(journal)
+    assert (search["search"]["trials"], search["search"]["pruned"]) == (len(done), len(pruned)) and done
+    # 4 together, not 4 each: the median pruner may stop one of them, and a worker late for the last trial
+    # prunes its extra one, so the two workers' 4 counted trials appear as at most 5
+    assert 4 <= len(done) + len(pruned) <= 5
     assert all((out / "b" / "search-workers" / w / "manifest.json").is_file() for w in ("1", "2"))
     where = report(out)["rows"]["b"]["where"]
     assert set(where) == {"transfer", "search-worker-1", "search-worker-2", "search", "finetune", "eval"}
