@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from loramigrate.errors import UnsupportedArchitectureError
+from loramigrate.models import onloaded
 
 # Projection roles → module paths relative to one block, as the supported families name them.
 # Llama-like (Llama, Mistral, Qwen2, Gemma, SmolLM2), GPT-NeoX-like (fused qkv), BERT-like, MPNet.
@@ -209,10 +210,10 @@ def norm_scale(norm: nn.Module, dim: int) -> torch.Tensor:
     Probed functionally with a zero-mean, unit-RMS vector and its negation, so biases cancel and
     no family-specific parameterisation has to be known.
     """
-    p = next(norm.parameters())
-    x = torch.ones(dim, dtype=p.dtype, device=p.device)
-    x[1::2] = -1
-    with torch.no_grad():
+    with onloaded(norm), torch.no_grad():
+        p = next(norm.parameters())
+        x = torch.ones(dim, dtype=p.dtype, device=p.device)
+        x[1::2] = -1
         return ((norm(x) - norm(-x)) / (2 * x)).float()
 
 
@@ -233,9 +234,21 @@ class LayerWeights:
     down: torch.Tensor
     gate: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> LayerWeights:
+        """The same weights on ``device``: where a device map put two compared layers on different GPUs."""
+        return LayerWeights(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
+
 
 def _weight(block: nn.Module, path: str) -> torch.Tensor:
-    return block.get_submodule(path).weight.detach().float()
+    return weight_of(block.get_submodule(path)).float()
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A module's weight, detached, also where a device map offloaded it (then a copy on its execution device)."""
+    offloaded = module.weight.device.type == "meta"
+    with onloaded(module):
+        w = module.weight.detach()
+        return w.clone() if offloaded else w  # the offloaded copy is accelerate's, dropped after the block
 
 
 def layer_weights(model: nn.Module, spec: ModelSpec, layer: int, fold_norms: bool = True) -> LayerWeights:
@@ -294,4 +307,4 @@ def model_profile(model: nn.Module, spec: ModelSpec
 
 def input_embeddings(model: nn.Module) -> torch.Tensor:
     """The input embedding matrix (vocab, hidden), float32 on the model's device."""
-    return model.get_input_embeddings().weight.detach().float()
+    return weight_of(model.get_input_embeddings()).float()

@@ -161,13 +161,14 @@ class StageRun:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def manifest(self) -> dict[str, Any]:
+        load = self.config.get("load", {})
         return {
             "stage": self.stage,
             "schema": SCHEMAS[self.stage],
             "version": __version__,
             "config": self.config,
             "config_hash": config_hash(self.config),
-            "runtime": resolved_load(**self.config.get("load", {})),  # what "auto" meant on this machine
+            "runtime": resolved_load(load.get("dtype", "auto"), load.get("device", "auto")),  # what "auto" meant here
             "inputs": self.inputs,
             "command": sys.argv,
             "started": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),

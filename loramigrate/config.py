@@ -8,6 +8,7 @@ text the CLI shows (cli/_options.py). A ``Literal`` that names methods lists its
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -73,6 +74,9 @@ class _Config(BaseModel):
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+DeviceMap = Literal["auto", "balanced", "sequential"]
+_DEVICE_SIZE = r"\s*(\d+|cpu)\s*=\s*\d+(\.\d+)?\s*[KMGT]i?B\s*"
+_MAX_MEMORY = rf"{_DEVICE_SIZE}(,{_DEVICE_SIZE})*"
 Seed = Annotated[int, Field(description="Random seed; the same seed gives the same artifacts.")]
 
 
@@ -85,6 +89,34 @@ class ModelLoadConfig(_Config):
         "auto", description="Model dtype: auto (fp32 on CPU, bf16 on a CUDA device that supports it, else fp32), "
         "float32, bfloat16 or float16 (forward passes only: training refuses it). Trained weights stay fp32.")
     device: Device = Field("auto", description="auto (cuda when available), cpu or cuda.")
+    device_map: DeviceMap | None = Field(
+        None, description="Spread each model the stage only reads (align's bases, the old pair, the teacher, "
+        "eval's model) over the GPUs, then CPU memory, then disk, as accelerate places it: for pairs that do not fit "
+        "one device. A model the stage trains stays whole on --device.")
+    max_memory: str | None = Field(
+        None, description="With --device-map: memory per device, e.g. '0=40GiB,1=40GiB,cpu=64GiB' "
+        "(GPU index or cpu); the rest goes to disk (a temporary folder).")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_per_device(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(_MAX_MEMORY, value):
+            raise ValueError(f"{value!r}: expected DEVICE=SIZE pairs such as '0=40GiB,cpu=64GiB' (DEVICE: a GPU index "
+                             "or cpu)")
+        return value
+
+    @model_validator(mode="after")
+    def _memory_needs_map(self) -> ModelLoadConfig:
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("max_memory places models with a device map; give device_map too (e.g. auto)")
+        return self
+
+    def max_memory_map(self) -> dict[int | str, str] | None:
+        """``max_memory`` as accelerate takes it: GPU indices as ints, cpu as text."""
+        if self.max_memory is None:
+            return None
+        pairs = (item.split("=") for item in self.max_memory.split(","))
+        return {int(k) if k.strip().isdigit() else k.strip(): v.strip() for k, v in pairs}
 
 
 def refuse_fp16_training(load: ModelLoadConfig, what: str) -> None:

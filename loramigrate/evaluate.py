@@ -20,6 +20,7 @@ from torch import nn
 
 from loramigrate.adapters import check_adapter_dir
 from loramigrate.errors import ArtifactError, ConfigError
+from loramigrate.models import input_device
 from loramigrate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,6 @@ def read_task(path: str | Path, limit: int | None = None, unlabelled: bool = Fal
     return Task(kind=kind, rows=rows, labels=labels)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def completion_batch(tok, rows: list[dict], max_len: int | None = None
                      ) -> tuple[list[list[int]], list[list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Tokenise prompt + completion rows, right-padded; labels are -100 outside the completion.
@@ -145,7 +142,7 @@ def generation_metrics(model: nn.Module, tok, rows: list[dict], batch_size: int,
                        progress: ProgressFn = no_progress, label: str = "eval") -> tuple[float, list[bool]]:
     """Mean loss over completion tokens and per-example exact match of greedy decoding."""
     return score_generation(lambda inputs: model(**inputs).logits, lambda p, n: generate_ids(model, tok, p, n),
-                            model_device(model), tok, rows, batch_size, progress, label)
+                            input_device(model), tok, rows, batch_size, progress, label)
 
 
 @torch.no_grad()
@@ -183,7 +180,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 def generate_ids(model: nn.Module, tok, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
     """Greedy continuation ids (B, ≤ new_tokens) of a model, with its KV cache; pad after an end token."""
     ids, mask = left_pad(prompts, tok.pad_token_id)
-    dev = model_device(model)
+    dev = input_device(model)
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=tok.pad_token_id)
     return out[:, ids.shape[1]:].cpu()
@@ -210,7 +207,7 @@ def label_batch(tok, rows: list[dict], labels: list[str], max_len: int = 256) ->
 def classification_metrics(model: nn.Module, tok, rows: list[dict], labels: list[str], batch_size: int,
                            progress: ProgressFn = no_progress, label: str = "eval") -> tuple[float, list[bool]]:
     """Mean cross-entropy and per-example correctness of a sequence-classification model."""
-    dev = model_device(model)
+    dev = input_device(model)
     total, correct = 0.0, []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
@@ -241,16 +238,19 @@ def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: i
                    progress: ProgressFn = no_progress, include_base: bool = True) -> list[EvalResult]:
     """The base alone (``include_base``), then base + each adapter; the base is loaded once and
     adapters are swapped in and out."""
-    from loramigrate.models import attach_adapter, load_model, load_tokenizer, resolve_model
+    from loramigrate.models import attach_adapter, load_frozen, load_tokenizer, offloaded, resolve_model
 
     for adapter in adapters:
         check_adapter_dir(adapter)
     ref = resolve_model(base_ref)
     tok = load_tokenizer(ref)
     num_labels = len(task.labels) if task.kind == "classification" else None
-    with torch.random.fork_rng(devices=[]):  # modules the checkpoint lacks (the head of "base alone") drawn alike
-        torch.manual_seed(0)
-        base = load_model(ref, load_cfg.dtype, load_cfg.device, num_labels=num_labels)
+    def load_base() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # modules the checkpoint lacks (the head of "base alone") drawn alike
+            torch.manual_seed(0)
+            return load_frozen(ref, load_cfg, num_labels=num_labels)
+
+    base = load_base()
     metric = METRIC[task.kind]
     results = []
     if include_base:
@@ -262,12 +262,14 @@ def evaluate_pairs(base_ref: str, adapters: list[str], task: Task, batch_size: i
             model = attach_adapter(base, adapter).eval()
         except (RuntimeError, ValueError, KeyError) as e:
             log.warning("%s does not load on %s: %s", adapter, base_ref, str(e).splitlines()[0][:200])
+            base = load_base() if offloaded(base) else base  # PEFT may have re-dispatched it half way
             continue
         loss, correct = task_metrics(model, tok, task, batch_size, progress, Path(adapter).name)
         name = f"{Path(base_ref).name} + {Path(adapter).name}"
         results.append(EvalResult(name, len(correct), loss, metric, sum(correct) / len(correct), correct,
                                   adapter=adapter))
-        base = unload_to_base(model)
+        # PEFT re-dispatches an offloaded base under its own names, which unloading does not undo
+        base = load_base() if offloaded(base) else unload_to_base(model)
     return results
 
 

@@ -7,8 +7,11 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from loramigrate.adapters import check_adapter_dir
-from loramigrate.config import Device, Dtype
+from loramigrate.config import Device, DeviceMap, Dtype, ModelLoadConfig
 from loramigrate.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -156,21 +159,43 @@ def _is_causal_lm(ref: ModelRef) -> bool:
     return any(a.endswith("ForCausalLM") for a in archs)
 
 
-def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num_labels: int | None = None
-               ) -> nn.Module:
+def load_model(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num_labels: int | None = None,
+               device_map: DeviceMap | None = None, max_memory: dict[int | str, str] | None = None) -> nn.Module:
     """Load a model in eval mode: causal LMs with their LM head, encoders as the bare model, or with
     a sequence-classification head of ``num_labels`` classes when given.
 
     Raises:
         ArtifactError: the files cannot be read (corrupt weights, missing shards, offline hub id).
     """
-    return load_with_new_modules(ref, dtype, device, num_labels)[0]
+    return load_with_new_modules(ref, dtype, device, num_labels, device_map, max_memory)[0]
 
 
-def load_with_new_modules(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num_labels: int | None = None
+def load_frozen(ref: ModelRef, load: ModelLoadConfig, num_labels: int | None = None) -> nn.Module:
+    """A model the stage only reads (forward passes, weights): placed by ``load.device_map`` when given, so that it
+    may span GPUs, CPU memory and disk.
+
+    Raises:
+        ArtifactError: the files cannot be read.
+    """
+    return load_model(ref, load.dtype, load.device, num_labels, load.device_map, load.max_memory_map())
+
+
+def _placement(device: torch.device, device_map: DeviceMap, max_memory: dict[int | str, str] | None) -> dict:
+    """from_pretrained's arguments for a device map: on the CPU only CPU memory and disk (accelerate would
+    otherwise reach for any GPU)."""
+    if device.type == "cpu":
+        from accelerate.utils import get_max_memory
+
+        max_memory = {"cpu": (max_memory or {}).get("cpu") or get_max_memory()["cpu"]}
+    return {"device_map": device_map, "max_memory": max_memory}
+
+
+def load_with_new_modules(ref: ModelRef, dtype: Dtype = "auto", device: Device = "cpu", num_labels: int | None = None,
+                          device_map: DeviceMap | None = None, max_memory: dict[int | str, str] | None = None
                           ) -> tuple[nn.Module, list[str]]:
     """``load_model``, and the modules it initialised at random (no weights in the checkpoint: a new
     classification head, a pooler a distilled checkpoint dropped), which an adapter must save to be reproducible.
+    With ``device_map``, accelerate places the model (see ``ModelLoadConfig.device_map``); else it sits on ``device``.
 
     Raises:
         ArtifactError: the files cannot be read (corrupt weights, missing shards, offline hub id).
@@ -189,10 +214,12 @@ def load_with_new_modules(ref: ModelRef, dtype: Dtype = "auto", device: Device =
     kwargs: dict = ref.load_kwargs
     if num_labels is not None:
         cls, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels
+    offload = tempfile.TemporaryDirectory(prefix="loramigrate-offload-") if device_map else None
+    placed = {**_placement(dev, device_map, max_memory), "offload_folder": offload.name} if offload else {}
     started = time.perf_counter()
     try:
         model, info = cls.from_pretrained(ref.source, dtype=resolve_dtype(dtype, dev), output_loading_info=True,
-                                          **kwargs)
+                                          **kwargs, **placed)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"cannot load model {ref.path}: {first}") from e
@@ -206,7 +233,75 @@ def load_with_new_modules(ref: ModelRef, dtype: Dtype = "auto", device: Device =
     if num_labels is not None and model.config.pad_token_id is None:
         # causal-LM classifiers pool the last non-pad token, so they need the pad id the tokenizer pads with
         model.config.pad_token_id = load_tokenizer(ref).pad_token_id
-    return model.to(dev).eval(), new
+    if offload is None:
+        return model.to(dev).eval(), new
+    model.loramigrate_offload = offload  # the folder goes when the model does
+    # PEFT re-dispatches an offloaded model when it attaches an adapter, and needs the same placement to do so
+    model.loramigrate_placement = {**placed}
+    log.info("%s placed by device map: %s", ref.path, _placement_summary(model))
+    return model.eval(), new
+
+
+def _placement_summary(model: nn.Module) -> str:
+    """How many top-level parts of a dispatched model went to each device (``hf_device_map``)."""
+    counts: dict[str, int] = {}
+    for where in getattr(model, "hf_device_map", {}).values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    return ", ".join(f"{n} on {where}" for where, n in counts.items())
+
+
+@contextmanager
+def _working_dir(path: str | None) -> Iterator[None]:
+    """Run in ``path`` (when given). PEFT re-dispatches a disk-offloaded model with copies of the checkpoint files
+    it reads, written at the checkpoint's absolute path made relative to the working directory
+    (``PeftModel._update_offload``); run there, the copies land in the model's own offload folder and go with it."""
+    if path is None:
+        yield
+        return
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _anchor_offload_copies(model: nn.Module, folder: str) -> None:
+    """Make the offload index's relative paths (PEFT's copies, see ``_working_dir``) absolute, so that forward passes
+    read them whatever the working directory is then."""
+    for module in model.modules():
+        loader = getattr(getattr(getattr(module, "_hf_hook", None), "weights_map", None), "dataset", None)
+        for entry in (getattr(loader, "index", None) or {}).values():
+            if "safetensors_file" in entry and not os.path.isabs(entry["safetensors_file"]):
+                entry["safetensors_file"] = os.path.join(folder, entry["safetensors_file"])
+
+
+def offloaded(model: nn.Module) -> bool:
+    """Whether a device map put part of ``model`` in CPU memory or on disk (PEFT then re-dispatches it)."""
+    return bool({"cpu", "disk"} & set(getattr(model, "hf_device_map", {}).values()))
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its input embeddings' device; for a model a device map offloaded, the device they
+    compute on (offloaded weights sit on the meta device between forward passes)."""
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return embeddings.weight.device
+
+
+@contextmanager
+def onloaded(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` with its own weights in memory: those a device map offloaded are brought to its execution device
+    for the block (accelerate's ``align_module_device``); others are left as they are."""
+    if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module):
+            yield module
+    else:
+        yield module
 
 
 def load_tokenizer(ref: ModelRef):  # -> transformers.PreTrainedTokenizerBase
@@ -247,8 +342,7 @@ def require_shared_vocabulary(a: ModelRef, b: ModelRef, purpose: str) -> None:
         raise ConfigError(f"the tokenizers of {a.path} and {b.path} differ; {purpose} needs identical vocabularies")
 
 
-def load_pair(base: str, adapter: str, dtype: Dtype = "auto", device: Device = "cpu", num_labels: int | None = None
-              ) -> nn.Module:
+def load_pair(base: str, adapter: str, load: ModelLoadConfig, num_labels: int | None = None) -> nn.Module:
     """A base with its adapter, frozen and in eval mode: the old pair that teachers and the proxy ensemble read
     (a classifier head comes from the adapter's modules_to_save).
 
@@ -257,7 +351,7 @@ def load_pair(base: str, adapter: str, dtype: Dtype = "auto", device: Device = "
     """
     ref = resolve_model(base)
     check_adapter_dir(adapter)
-    model = load_model(ref, dtype, device, num_labels=num_labels)
+    model = load_frozen(ref, load, num_labels=num_labels)
     try:
         pair = attach_adapter(model, adapter)
     except (RuntimeError, ValueError, KeyError) as e:
@@ -272,10 +366,15 @@ def attach_adapter(model: nn.Module, adapter: str | Path, **kwargs):  # -> peft.
     evaluated as is on a deeper base) turned into one line; -v logs PEFT's text in full."""
     from peft import PeftModel
 
-    with warnings.catch_warnings(record=True) as caught:
-        pair = PeftModel.from_pretrained(model, str(adapter), **kwargs)
+    placement = getattr(model, "loramigrate_placement", {})
+    with warnings.catch_warnings(record=True) as caught, _working_dir(placement.get("offload_folder")):
+        pair = PeftModel.from_pretrained(model, str(adapter), **placement, **kwargs)
+    if placement:
+        _anchor_offload_copies(pair, placement["offload_folder"])
     for w in caught:
         text = str(w.message)
+        if placement and "to a meta parameter in the current model" in text:
+            continue  # offloaded LoRA weights: PEFT writes them to the offload map after this (no-op) copy
         if not text.startswith("Found missing adapter keys"):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             continue

@@ -12,8 +12,8 @@ from torch import nn
 
 from loramigrate.config import ModelLoadConfig
 from loramigrate.errors import ConfigError
-from loramigrate.evaluate import METRIC, EvalResult, Task, left_pad, model_device, score_generation
-from loramigrate.models import load_model, load_pair, load_tokenizer, require_shared_vocabulary, resolve_model
+from loramigrate.evaluate import METRIC, EvalResult, Task, left_pad, score_generation
+from loramigrate.models import input_device, load_frozen, load_pair, load_tokenizer, require_shared_vocabulary, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 
 NAME = "proxy ensemble"
@@ -72,13 +72,12 @@ def evaluate_proxy(new_base: str, old_base: str, old_adapter: str, task: Task, b
     new_ref = resolve_model(new_base)
     require_shared_vocabulary(new_ref, resolve_model(old_base), "the proxy ensemble")
     tok = load_tokenizer(new_ref)
-    pair = load_pair(old_base, old_adapter, load_cfg.dtype, load_cfg.device)
-    new = load_model(new_ref, load_cfg.dtype, load_cfg.device)
+    pair, new = load_pair(old_base, old_adapter, load_cfg), load_frozen(new_ref, load_cfg)
 
     def logits_of(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return proxy_logits(new(**inputs).logits, pair, inputs)
 
-    dev = model_device(new)
+    dev = input_device(new)
     loss, correct = score_generation(
         logits_of, lambda prompts, n: greedy_ids(lambda x: logits_of(x)[:, -1], tok, prompts, n, dev),
         dev, tok, task.rows, batch_size, progress, NAME)

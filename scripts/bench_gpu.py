@@ -1,5 +1,6 @@
 """GPU benchmark at real shapes with random weights: time and peak GPU memory of align, transfer, the data-aware
-transfer, a finetune step and an eval pass, per base pair. No downloads: each model is built from its config (the
+transfer (each also with a device map that holds only half of the larger base on the GPU), a finetune step and an
+eval pass, per base pair. No downloads: each model is built from its config (the
 public shapes below), saved, and run through the stage commands, one process per stage (so each manifest's peak
 GPU memory is that stage's alone). Speed and memory do not depend on the weights' values; quality means nothing here.
 
@@ -97,6 +98,13 @@ def task_files(root: Path, n: int = 64) -> dict[str, Path]:
     return files
 
 
+def half_budget(device: str, *models: Path) -> str:
+    """A --max-memory that holds half of the larger base on the device (the GPU, or CPU memory on a CPU run): the
+    device map then puts the rest in CPU memory (GPU run) or on disk (CPU run), as for a pair that does not fit."""
+    half_mib = max(sum(f.stat().st_size for f in m.glob("*.safetensors")) for m in models) // 2 // 2**20
+    return f"0={half_mib}MiB,cpu=200GiB" if device == "cuda" else f"cpu={max(half_mib, 1)}MiB"
+
+
 def stage(name: str, out: Path, *args) -> dict:
     """Run one stage command in its own process; its wall time and peak memory, from the manifest."""
     started = time.perf_counter()
@@ -119,18 +127,23 @@ def bench_pair(pair: str, root: Path, device: str, dtype: str) -> list[dict]:
         torch.cuda.empty_cache()
     f = task_files(root)
     load = ["--dtype", dtype, "--device", device]
+    placed = ["--device-map", "auto", "--max-memory", half_budget(device, old, new)]
     rows = [stage("align", root / "align", "align", "--old", old, "--new", new, "--calib", f["calib"],
                   "--max-tokens", 2048, *load),
             stage("transfer", root / "transfer", "transfer", "--align", root / "align", "--adapter", adapter, *load),
             stage("data-aware transfer", root / "transfer-data", "transfer", "--align", root / "align", "--adapter",
                   adapter, "--prompts", f["train"], "--prompt-limit", 64, "--fit-steps", 5, *load),
+            stage("align, device map", root / "align-map", "align", "--old", old, "--new", new, "--calib", f["calib"],
+                  "--max-tokens", 2048, *load, *placed),
+            stage("data-aware transfer, device map", root / "transfer-data-map", "transfer", "--align", root / "align",
+                  "--adapter", adapter, "--prompts", f["train"], "--prompt-limit", 64, "--fit-steps", 5, *load, *placed),
             stage("finetune (2 steps)", root / "finetune", "finetune", "--base", new, "--init", root / "transfer",
                   "--data", f["train"], "--val", f["val"], "--steps", 2, "--eval-every", 2, "--eval-limit", 8,
                   "--batch-size", 8, "--max-len", 64, *load),
             stage("eval (64 examples)", root / "eval", "eval", "--base", new, "--adapter", root / "transfer",
                   "--data", f["test"], "--batch-size", 16, *load)]
     step = [json.loads(line) for line in (root / "finetune" / "log.jsonl").read_text().splitlines()]
-    rows[3]["first_step_s"] = step[0]["s"]
+    next(r for r in rows if r["stage"].startswith("finetune"))["first_step_s"] = step[0]["s"]
     return [{"pair": f"{old_name} → {new_name}", **r} for r in rows]
 
 

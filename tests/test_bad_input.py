@@ -174,6 +174,8 @@ CASES = [  # (command line, a fragment of the one-line message)
     (align("--max-tokens", "0"), "max_tokens"),
     (align("--seq-len", "1"), "seq_len"),
     (align("--batch-size", "0"), "batch_size"),
+    (align("--device-map", "auto", "--max-memory", "lots"), "DEVICE=SIZE pairs"),
+    (align("--max-memory", "cpu=1GiB"), "give device_map too"),
     (align("--head-sketch", "2"), "head_sketch"),
     (align("--calib", "{root}/missing.txt"), "missing.txt"),
     (align("-o", "{root}/dangling"), "dangling symlink"),

@@ -17,7 +17,7 @@ from peft import PeftModel
 from typer.testing import CliRunner
 
 from loramigrate.cli.main import app
-from loramigrate.config import FinetuneConfig
+from loramigrate.config import FinetuneConfig, ModelLoadConfig
 from loramigrate.errors import ArtifactError
 from loramigrate.evaluate import EvalResult, generate_ids, read_task, with_gap
 from loramigrate.finetune.objective import distill_kl
@@ -27,6 +27,7 @@ from tests.helpers import WORDS, build, cue_rows, finetuned, make_lora, make_tin
 
 runner = CliRunner()
 TARGETS = ["q_proj", "v_proj", "down_proj"]
+CPU = ModelLoadConfig(device="cpu")
 
 
 def write(path, rows):
@@ -146,7 +147,7 @@ def test_text_only_classification_data_takes_the_teachers_labels(cls, tmp_path):
 def test_the_proxy_teacher_on_an_identity_pair_is_the_old_pair(gen, tmp_path):
     """new base == old base: logits_new + logits_{old+A} − logits_old = logits_{old+A}, whatever the student's
     own adapter (switched off to read the new base)."""
-    pair = load_pair(str(gen.old), str(gen.adapter))
+    pair = load_pair(str(gen.old), str(gen.adapter), CPU)
     other = make_lora(gen.old, tmp_path / "other", targets=TARGETS, seed=1)
     student = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(gen.old), other).eval()
     tok = transformers.AutoTokenizer.from_pretrained(gen.old)
@@ -168,7 +169,7 @@ def test_the_proxy_teacher_on_an_identity_pair_is_the_old_pair(gen, tmp_path):
 def test_the_proxy_eval_arm_on_an_identity_pair_matches_the_old_pair(gen, tmp_path):
     """Completions are the old pair's own greedy answers, so its exact match is 1; the ensemble decodes the
     same answers with its own greedy loop."""
-    pair = load_pair(str(gen.old), str(gen.adapter))
+    pair = load_pair(str(gen.old), str(gen.adapter), CPU)
     tok = transformers.AutoTokenizer.from_pretrained(gen.old)
     prompts = [json.loads(line)["prompt"] for line in gen.prompts.read_text().splitlines()][:10]
     answers = tok.batch_decode(generate_ids(pair, tok, [tok(p)["input_ids"] for p in prompts], 2),

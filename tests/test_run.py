@@ -100,7 +100,7 @@ def test_the_eval_stage_loads_models_as_the_recipe_says(debug, monkeypatch):
     assert result.exit_code == 0, result.output
     assert loads == [ModelLoadConfig(dtype="float32", device="cpu")] * 2
     manifest = json.loads((debug / "run" / "water" / "eval" / "manifest.json").read_text())
-    assert manifest["config"]["load"] == {"dtype": "float32", "device": "cpu"}
+    assert manifest["config"]["load"] == {"dtype": "float32", "device": "cpu", "device_map": None, "max_memory": None}
 
 
 BAD_INPUTS = {  # what breaks → (run options, a fragment of the one-line message)

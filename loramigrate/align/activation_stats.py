@@ -99,14 +99,15 @@ class NeuronSample:
 
 
 @contextlib.contextmanager
-def captured_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """While active, ``store[name]`` holds the latest input of each named module as the model computed it (its
-    dtype, its device: a copy to the host per hook would stall a GPU)."""
+def captured_inputs(model: nn.Module, names: list[str], device: torch.device | None = None
+                    ) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, ``store[name]`` holds the latest input of each named module in the model's dtype, on
+    ``device`` (default: where the module computed it; a copy to the host per hook would stall a GPU)."""
     store: dict[str, torch.Tensor] = {}
     handles = []
     for name in names:
         def hook(_module, args, name=name):
-            store[name] = args[0].detach()
+            store[name] = args[0].detach().to(device or args[0].device)
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         yield store

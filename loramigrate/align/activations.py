@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from loramigrate.errors import ArtifactError
+from loramigrate.models import input_device
 
 
 def default_calibration() -> Path:
@@ -89,13 +90,14 @@ def _encode(tok, texts: list[str], seq_len: int) -> dict:
 
 
 @torch.no_grad()
-def residual_streams(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The residual stream entering every block and leaving the last: (L + 1, B, T, d), float32 on
-    the model's device, where the accumulators work; index i is the input of block i, index i + 1 its output
-    (the last one after the final norm, as transformers returns it). Skips the LM head."""
-    device = next(model.parameters()).device
-    out = model.base_model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
-    return torch.stack(out.hidden_states).float()
+def residual_streams(model: nn.Module, batch: dict, device: torch.device | None = None) -> torch.Tensor:
+    """The residual stream entering every block and leaving the last: (L + 1, B, T, d), float32 on ``device``
+    (default: the model's input device), where the accumulators work; index i is the input of block i, index i + 1
+    its output (the last one after the final norm, as transformers returns it). Skips the LM head.
+    Blocks a device map spread over GPUs return their states on their own device; they are gathered."""
+    device = device or input_device(model)
+    out = model.base_model(**{k: v.to(input_device(model)) for k, v in batch.items()}, output_hidden_states=True)
+    return torch.stack([h.to(device) for h in out.hidden_states]).float()
 
 
 def activation_rows(states: torch.Tensor, mask: torch.Tensor, pooled: bool, row_norm: bool) -> torch.Tensor:

@@ -21,6 +21,7 @@ from loramigrate.alignment import Alignment, LayerAlignment, ModelProfile
 from loramigrate.arch import ModelSpec, input_embeddings, layer_weights, model_profile, model_spec
 from loramigrate.config import AlignConfig
 from loramigrate.errors import ArtifactError
+from loramigrate.models import input_device
 from loramigrate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,13 @@ def layer_similarity(old: nn.Module, new: nn.Module, batches: Iterable[tuple[dic
     Returns:
         (L_old, L_new) CKA, the estimator used, the number of rows (tokens or sequences).
     """
+    dev = input_device(new)  # where the accumulators work
     name, acc = make_cka(estimator, old_spec.n_layers, old_spec.hidden, new_spec.n_layers,
-                         new_spec.hidden, chunk, max_bytes, device=next(new.parameters()).device)
+                         new_spec.hidden, chunk, max_bytes, device=dev)
     rows = 0
     for i, (enc_old, enc_new) in enumerate(batches):
-        x = activation_rows(residual_streams(old, enc_old)[1:], enc_old["attention_mask"], pooled, row_norm)
-        y = activation_rows(residual_streams(new, enc_new)[1:], enc_new["attention_mask"], pooled, row_norm)
+        x = activation_rows(residual_streams(old, enc_old, dev)[1:], enc_old["attention_mask"], pooled, row_norm)
+        y = activation_rows(residual_streams(new, enc_new, dev)[1:], enc_new["attention_mask"], pooled, row_norm)
         acc.update(x, y)
         rows += x.shape[1]
         progress("calibration", i + 1, total)
@@ -62,7 +64,7 @@ def fit_transfer(old: nn.Module, new: nn.Module, old_vocab: dict[str, int], new_
     ids_old, ids_new = shared_tokens(old_vocab, new_vocab, e_old.shape[0], e_new.shape[0])
     stats = TransferStats(e_old.shape[1], e_new.shape[1], e_new.device)
     for rows_old, rows_new in zip(ids_old.split(_ROWS), ids_new.split(_ROWS), strict=True):
-        stats.update(e_old[rows_old], e_new[rows_new])  # chunks: float64 copies of 150k-token tables add GBs
+        stats.update(e_old[rows_old].to(e_new.device), e_new[rows_new])  # chunks: float64 150k-token tables add GBs
     t, cosine = stats.fit(method, ridge)
     info = {
         "shared_tokens": {
@@ -102,10 +104,11 @@ def activation_pass(old: nn.Module, new: nn.Module, batches: list[tuple[dict, di
     shape = (old_spec.n_heads, old_spec.head_dim, new_spec.n_heads, new_spec.head_dim)
     mlp_pairs = [(j, old_spec.module_name(i, "down"), new_spec.module_name(j, "down")) for j, i in pairs] if neurons else []
     n_stats: dict[int, NeuronSample] = {}
-    with captured_inputs(old, o_old + [o for _, o, _ in mlp_pairs]) as got_old, \
-            captured_inputs(new, o_new + [o for _, _, o in mlp_pairs]) as got_new:
+    dev = input_device(new)  # where every accumulator works
+    with captured_inputs(old, o_old + [o for _, o, _ in mlp_pairs], dev) as got_old, \
+            captured_inputs(new, o_new + [o for _, _, o in mlp_pairs], dev) as got_new:
         for n, (enc_old, enc_new) in enumerate(batches):
-            x_all, y_all = residual_streams(old, enc_old)[:-1], residual_streams(new, enc_new)[:-1]
+            x_all, y_all = residual_streams(old, enc_old, dev)[:-1], residual_streams(new, enc_new, dev)[:-1]
             m_old, m_new = enc_old["attention_mask"], enc_new["attention_mask"]
             if transfers:
                 x = activation_rows(x_all, m_old, pooled, row_norm)
@@ -142,7 +145,8 @@ def match_layers(old: nn.Module, new: nn.Module, old_spec: ModelSpec, new_spec: 
     mlp_name = resolve_mlp_matcher(mlp_matcher, old_spec.intermediate, new_spec.intermediate)
     result: dict[int, LayerAlignment] = {}
     for n, (j, i) in enumerate(mapped):
-        w_old, w_new = layer_weights(old, old_spec, i), layer_weights(new, new_spec, j)
+        w_old = layer_weights(old, old_spec, i)
+        w_new = layer_weights(new, new_spec, j).to(w_old.q.device)
         t_layer = layer_transfers[j][0] if j in layer_transfers else None
         t = transfer if t_layer is None else t_layer
         head_stats = measured.heads.get(j)

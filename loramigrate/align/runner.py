@@ -10,7 +10,7 @@ from loramigrate.align.core import align_models
 from loramigrate.alignment import save_alignment
 from loramigrate.artifacts import hash_inputs, is_up_to_date, log_start, output_lock, prepare_output, stage_output
 from loramigrate.config import AlignConfig
-from loramigrate.models import load_model, load_tokenizer, resolve_model
+from loramigrate.models import load_frozen, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 from loramigrate.report import plot_cka
 
@@ -38,8 +38,7 @@ def run_align(cfg: AlignConfig, out_dir: Path, progress: ProgressFn = no_progres
     with output_lock(out_dir):
         log_start(STAGE, out_dir, cfg)
         old_tok, new_tok = load_tokenizer(old_ref), load_tokenizer(new_ref)
-        old = load_model(old_ref, cfg.load.dtype, cfg.load.device)
-        new = load_model(new_ref, cfg.load.dtype, cfg.load.device)
+        old, new = load_frozen(old_ref, cfg.load), load_frozen(new_ref, cfg.load)
         with stage_output(out_dir, STAGE, config, inputs) as run:
             alignment = align_models(old, new, old_tok, new_tok, texts, cfg, progress)
             alignment.info["models"] = {"old": old_ref.path, "new": new_ref.path}

@@ -37,7 +37,8 @@ def run(
 ) -> None:
     """Run align → transfer → search → finetune → eval; stages whose manifests match are skipped.
 
-    --dtype and --device apply to every stage, over the recipe's load settings.
+    The model-loading options (--dtype, --device, --device-map, --max-memory) apply to every stage, over the
+    recipe's load settings.
     """
     from loramigrate.cli._summary import print_summary
     from loramigrate.pipeline import timed_run

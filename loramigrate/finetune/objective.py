@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramigrate.evaluate import Task, completion_batch, label_batch, model_device
+from loramigrate.evaluate import Task, completion_batch, label_batch
+from loramigrate.models import input_device
 from loramigrate.proxy import common_width
 
 BatchLoss = Callable[[nn.Module, list[dict]], torch.Tensor]
@@ -41,7 +42,7 @@ def objective(encode: Encode, distill: Distill | None = None) -> BatchLoss:
     """Cross-entropy on the outputs ``encode`` marks, or w·KL + (1 − w)·cross-entropy with a teacher."""
     def loss(model: nn.Module, rows: list[dict]) -> torch.Tensor:
         inputs, targets = encode(rows)
-        dev = model_device(model)
+        dev = input_device(model)
         inputs, targets = {k: v.to(dev) for k, v in inputs.items()}, targets.to(dev)
         keep = targets != -100
         logits = model(**inputs).logits.float()[keep]

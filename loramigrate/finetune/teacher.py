@@ -20,9 +20,9 @@ from torch import nn
 
 from loramigrate.config import ModelLoadConfig
 from loramigrate.errors import ArtifactError, ConfigError
-from loramigrate.evaluate import Task, generate_ids, has_target, model_device, text_batch
+from loramigrate.evaluate import Task, generate_ids, has_target, text_batch
 from loramigrate.finetune.objective import TeacherLogits
-from loramigrate.models import ModelRef, load_pair, require_shared_vocabulary, resolve_model
+from loramigrate.models import ModelRef, input_device, load_pair, require_shared_vocabulary, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 from loramigrate.proxy import greedy_ids, proxy_logits
 
@@ -48,7 +48,7 @@ def proxy_teacher(pair: nn.Module) -> Teacher:
         return proxy_logits(new, pair, inputs)
 
     def complete(student: nn.Module, tok, prompts: list[list[int]], n: int) -> torch.Tensor:
-        return greedy_ids(lambda inputs: logits(student, inputs)[:, -1], tok, prompts, n, model_device(student))
+        return greedy_ids(lambda inputs: logits(student, inputs)[:, -1], tok, prompts, n, input_device(student))
     return Teacher(logits, complete)
 
 
@@ -73,7 +73,7 @@ def check_teacher(name: str, kind: str, student: ModelRef, teacher_base: str) ->
 def load_teacher(name: str, base: str, adapter: str, task: Task, load: ModelLoadConfig) -> Teacher:
     """The named teacher over the old pair (with the classifier of the task's labels from the adapter)."""
     num_labels = len(task.labels) if task.kind == "classification" else None
-    return TEACHERS[name](load_pair(base, adapter, load.dtype, load.device, num_labels=num_labels))
+    return TEACHERS[name](load_pair(base, adapter, load, num_labels=num_labels))
 
 
 def _complete(teacher: Teacher, student: nn.Module, tok, task: Task, rows: list[dict], max_len: int,
@@ -85,7 +85,7 @@ def _complete(teacher: Teacher, student: nn.Module, tok, task: Task, rows: list[
 
 def _label(teacher: Teacher, student: nn.Module, tok, task: Task, rows: list[dict], max_len: int,
            new_tokens: int) -> list[dict]:
-    dev = model_device(student)
+    dev = input_device(student)
     inputs = {k: v.to(dev) for k, v in text_batch(tok, rows, max_len).items()}
     best = teacher.logits(student, inputs).argmax(-1).tolist()
     return [{**r, "label": task.labels[i]} for r, i in zip(rows, best, strict=True)]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loramigrate.alignment import Alignment
+from loramigrate.arch import weight_of
 from loramigrate.lora import map_factors
 from loramigrate.progress import ProgressFn, no_progress
 
@@ -84,4 +85,4 @@ def base_evolution(align_dir: Path, alignment: Alignment, wanted: list[tuple[int
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
-    return model.get_submodule(name).weight
+    return weight_of(model.get_submodule(name))

@@ -130,11 +130,12 @@ def fidelity_finetune(cfg: SearchConfig, new: ModelRef) -> FinetuneConfig:
 
 def _evolution(cfg: SearchConfig, alignment: Alignment, layers, progress: ProgressFn):
     # both bases on the host, in the dtype the run computes in (bf16 for auto on a GPU: not 56 GB of fp32 for a 7B
-    # pair); the difference is taken tensor by tensor in fp32
+    # pair), or with a device map partly on disk; the difference is taken tensor by tensor in fp32
     dtype = resolved_load(cfg.load.dtype, cfg.load.device)["dtype"]
 
     def load_bases():
-        return tuple(load_model(resolve_model(alignment.base(side)), dtype, "cpu") for side in ("old", "new"))
+        return tuple(load_model(resolve_model(alignment.base(side)), dtype, "cpu", device_map=cfg.load.device_map,
+                                max_memory=cfg.load.max_memory_map()) for side in ("old", "new"))
     wanted = sorted(set(module_sites(layers, alignment).values()))
     return base_evolution(Path(cfg.align), alignment, wanted, cfg.evolution_rank, load_bases, progress)
 

@@ -73,8 +73,10 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
 
 @torch.no_grad()
 def block_io(model: nn.Module, batch: Batch) -> tuple[list[Call], list[torch.Tensor]]:
-    """Every block's call (args, kwargs) and output on one batch, from one forward pass."""
+    """Every block's call (args, kwargs) and output on one batch, from one forward pass; the outputs on the batch's
+    device (a device map may run blocks elsewhere)."""
     blocks = blocks_of(model)
+    device = batch["attention_mask"].device
     calls: list[Call | None] = [None] * len(blocks)
     outs: list[torch.Tensor | None] = [None] * len(blocks)
 
@@ -84,7 +86,7 @@ def block_io(model: nn.Module, batch: Batch) -> tuple[list[Call], list[torch.Ten
         calls[i] = (args, {**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs)
 
     def post(i, _module, _args, _kwargs, out):
-        outs[i] = _hidden(out).detach()
+        outs[i] = _hidden(out).detach().to(device)
 
     handles = [h for i, b in enumerate(blocks) for h in (
         b.register_forward_pre_hook(lambda m, a, k, i=i: pre(i, m, a, k), with_kwargs=True),
@@ -370,14 +372,15 @@ def _hidden_input(call: Call) -> torch.Tensor:
 
 @torch.no_grad()
 def _linear_io(model: nn.Module, name: str, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and outputs of the linear ``name`` over all batches, as (n, in) and (n, out) rows."""
+    """Inputs and outputs of the linear ``name`` over all batches, as (n, in) and (n, out) rows on the batches'
+    device."""
     xs, ys = [], []
 
     def hook(_m, args, out):
-        x = args[0]
+        mask = current["mask"]
+        x, out = args[0].to(mask.device), out.to(mask.device)
         if x.dim() == 3:  # per token: keep the positions the mask keeps
-            mask = current["mask"].bool()
-            x, out = x[mask], out[mask]
+            x, out = x[mask.bool()], out[mask.bool()]
         xs.append(x.reshape(-1, x.shape[-1]).float())
         ys.append(out.reshape(-1, out.shape[-1]).float())
 

@@ -10,13 +10,13 @@ import torch
 
 from loramigrate.adapters import LoraAdapter, LoraModule, read_adapter, write_adapter
 from loramigrate.alignment import Alignment, load_alignment
-from loramigrate.arch import HEAD_INPUTS, ModelSpec
+from loramigrate.arch import HEAD_INPUTS, ModelSpec, weight_of
 from loramigrate.artifacts import check_stage, hash_inputs, is_up_to_date, log_start, prepare_output, stage_output
 from loramigrate.config import TransferConfig
 from loramigrate.errors import ArtifactError, ConfigError, IncompatibleModelsError
 from loramigrate.evaluate import read_task
 from loramigrate.lora import locate, normed_input_map, pseudo_inverse
-from loramigrate.models import ModelRef, load_model, load_tokenizer, resolve_model
+from loramigrate.models import ModelRef, attach_adapter, input_device, load_frozen, load_model, load_tokenizer, resolve_model
 from loramigrate.progress import ProgressFn, no_progress
 from loramigrate.transfer.core import TransferOptions, transfer_adapter
 from loramigrate.transfer.data_aware import FitOptions, active_copy, data_aware_transfer
@@ -151,11 +151,10 @@ def verify_with_peft(out_dir: Path, new_base: str, load_cfg, adapter: LoraAdapte
     Raises:
         ArtifactError: an unmatched key, a module PEFT adapted that was not written, NaN/inf, a zero delta.
     """
-    from peft import PeftModel
 
     written = adapter.modules
-    base = load_model(resolve_model(new_base), load_cfg.dtype, load_cfg.device, num_labels=_num_labels(adapter))
-    model = PeftModel.from_pretrained(base, str(out_dir))
+    base = load_frozen(resolve_model(new_base), load_cfg, num_labels=_num_labels(adapter))
+    model = attach_adapter(base, out_dir)
     adapted = {}
     for name, module in model.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
@@ -165,9 +164,9 @@ def verify_with_peft(out_dir: Path, new_base: str, load_cfg, adapter: LoraAdapte
         raise ArtifactError(f"PEFT did not match the written adapter: unmatched {missing[:3]}, unexpected {extra[:3]}")
     for name, m in written.items():
         layer = adapted[name]
-        loaded = layer.lora_A["default"].weight
+        loaded = weight_of(layer.lora_A["default"])  # also where a device map offloaded it
         tol = reload_tolerance(loaded.dtype)
-        a, b = loaded.detach().float().cpu(), layer.lora_B["default"].weight.detach().float().cpu()
+        a, b = loaded.float().cpu(), weight_of(layer.lora_B["default"]).float().cpu()
         if not (torch.allclose(a, m.a, **tol) and torch.allclose(b, m.b, **tol)):
             raise ArtifactError(f"{name}: PEFT loaded other weights than were written")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
@@ -218,11 +217,10 @@ def _fit_with_data(cfg: TransferConfig, alignment: Alignment, adapter: LoraAdapt
     old_ref, new_ref = resolve_model(alignment.base("old")), resolve_model(alignment.base("new"))
     batches = _tokenized_batches(cfg, old_ref, new_ref, max(m.rank for m in result.modules.values()))
     labels = _num_labels(adapter)
-    old_model = PeftModel.from_pretrained(load_model(old_ref, cfg.load.dtype, cfg.load.device, num_labels=labels),
-                                          str(cfg.adapter)).eval()
+    old_model = attach_adapter(load_frozen(old_ref, cfg.load, num_labels=labels), cfg.adapter).eval()
     new_model = PeftModel.from_pretrained(load_model(new_ref, cfg.load.dtype, cfg.load.device, num_labels=labels),
                                           str(written), is_trainable=True).eval()
-    dev = next(new_model.parameters()).device
+    dev = input_device(new_model)
     batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
     heads = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in result.extra))
     opts = FitOptions(solver=cfg.fit_solver, steps=cfg.fit_steps, lr=cfg.fit_lr, fit_heads=cfg.fit_heads)
