@@ -96,29 +96,29 @@ def map_rows(role: str, b: torch.Tensor, la: LayerAlignment, old: ModelSpec, new
                   for k, p in enumerate(("q", "k", "v"))]
         return torch.stack(mapped, 1).reshape(-1, r)
     if role in ("o", "down"):  # writes into the residual stream: h_new ≈ T h_old
-        return t @ b
+        return t.to(b.device) @ b
     if role in ("gate", "up"):  # rows are neurons
-        src = la.mlp_map
-        return torch.where((src >= 0)[:, None], b[src.clamp_min(0)], torch.zeros(()))
+        src = la.mlp_map.to(b.device)
+        return torch.where((src >= 0)[:, None], b[src.clamp_min(0)], torch.zeros((), device=b.device))
     if role == "q":
         heads = _heads(b, old.n_heads)
-        out = torch.zeros(new.n_heads, new.head_dim, b.shape[1])
+        out = b.new_zeros(new.n_heads, new.head_dim, b.shape[1])
         for h, src in enumerate(la.head_map):
             if src is not None:
-                out[h] = la.q_map[h] @ heads[src]
+                out[h] = la.q_map[h].to(b.device) @ heads[src]
         return out.reshape(-1, b.shape[1])
     # k / v: each new kv group averages what its query heads' source groups carry (GQA merge), and
     # several new groups fed by one old group each get a copy (replication).
     groups = _heads(b, old.n_kv_heads)
     maps = la.k_map if role == "k" else la.v_map
-    out = torch.zeros(new.n_kv_heads, new.head_dim, b.shape[1])
-    count = torch.zeros(new.n_kv_heads)
+    out = b.new_zeros(new.n_kv_heads, new.head_dim, b.shape[1])
+    count = [0] * new.n_kv_heads
     for h, src in enumerate(la.head_map):
         if src is not None:
             g = h // new.group_size
-            out[g] += maps[h] @ groups[src // old.group_size]
+            out[g] += maps[h].to(b.device) @ groups[src // old.group_size]
             count[g] += 1
-    return (out / count.clamp_min(1)[:, None, None]).reshape(-1, b.shape[1])
+    return (out / b.new_tensor(count).clamp_min(1)[:, None, None]).reshape(-1, b.shape[1])
 
 
 def map_cols(role: str, a: torch.Tensor, la: LayerAlignment, old: ModelSpec, new: ModelSpec,
@@ -126,15 +126,15 @@ def map_cols(role: str, a: torch.Tensor, la: LayerAlignment, old: ModelSpec, new
     """Input side: columns of A (r, in_old) → (r, in_new). ``input_map`` (in_old, d_new) is the
     hidden-input map with norm scales folded in (q, k, v, qkv, gate, up; None for o and down)."""
     if role in NORM_SLOT:  # reads the (normalised) hidden state
-        return a @ input_map
+        return a @ input_map.to(a.device)
     if role == "down":  # columns are neurons
-        src = la.mlp_map
-        return torch.where((src >= 0)[None, :], a[:, src.clamp_min(0)], torch.zeros(()))
+        src = la.mlp_map.to(a.device)
+        return torch.where((src >= 0)[None, :], a[:, src.clamp_min(0)], torch.zeros((), device=a.device))
     heads = a.reshape(a.shape[0], old.n_heads, old.head_dim)  # o: columns are head outputs (v space)
-    out = torch.zeros(a.shape[0], new.n_heads, new.head_dim)
+    out = a.new_zeros(a.shape[0], new.n_heads, new.head_dim)
     for h, src in enumerate(la.head_map):
         if src is not None:
-            out[:, h] = heads[:, src] @ la.v_map[h].T
+            out[:, h] = heads[:, src] @ la.v_map[h].to(a.device).T
     return out.reshape(a.shape[0], -1)
 
 
@@ -144,7 +144,7 @@ def pseudo_inverse(t: torch.Tensor) -> torch.Tensor:
     t = t.double()
     tall = t.shape[0] >= t.shape[1]
     gram = t.T @ t if tall else t @ t.T
-    gram = gram + 1e-10 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    gram = gram + 1e-10 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return (torch.linalg.solve(gram, t.T) if tall else torch.linalg.solve(gram, t).T).float()
 
 
@@ -165,8 +165,8 @@ def normed_input_map(g_old: torch.Tensor, g_new: torch.Tensor, t_pinv: torch.Ten
 def hidden_input_map(alignment: Alignment, t_pinv: torch.Tensor, old_layer: int, new_layer: int, slot: int
                      ) -> torch.Tensor:
     """``normed_input_map`` for a projection input behind the pre-norm ``slot`` of a layer pair."""
-    return normed_input_map(alignment.old_profile.norms[old_layer, slot], alignment.new_profile.norms[new_layer, slot],
-                            t_pinv)
+    g_old, g_new = alignment.old_profile.norms[old_layer, slot], alignment.new_profile.norms[new_layer, slot]
+    return normed_input_map(g_old.to(t_pinv.device), g_new.to(t_pinv.device), t_pinv)
 
 
 def map_factors(alignment: Alignment, new_layer: int, role: str, b: torch.Tensor, a: torch.Tensor,
@@ -177,7 +177,7 @@ def map_factors(alignment: Alignment, new_layer: int, role: str, b: torch.Tensor
     ``t_pinv`` may pass the pseudo-inverse of the layer's T when the caller already has it.
     """
     la = alignment.layers[new_layer]
-    t = la.transfer if la.transfer is not None else alignment.transfer
+    t = (la.transfer if la.transfer is not None else alignment.transfer).to(b.device)  # a dense W maps on its device
     if t_pinv is None:
         t_pinv = pseudo_inverse(t)
     slot = NORM_SLOT.get(role)

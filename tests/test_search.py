@@ -395,6 +395,20 @@ def test_the_base_evolution_leaves_the_global_rng_alone(pair):
     assert torch.allclose(b @ a, new_w - old_w, atol=1e-4)
 
 
+def test_the_base_evolution_computes_on_the_device_it_is_given(pair):
+    """Every role's dense map and randomized SVD run where they are asked to (the meta device here: a tensor made or
+    left on the host would not mix with it, as on a GPU); the CPU result is the same as before (test above)."""
+    from loramigrate.alignment import load_alignment
+    from loramigrate.search.evolution import module_evolution
+
+    alignment = load_alignment(pair["align"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(pair["model"])
+    for role in ("q", "k", "v", "o", "gate", "up", "down"):
+        w = model.get_submodule(alignment.old.module_name(0, role)).weight
+        b, a = module_evolution(w.to("meta"), w.to("meta"), alignment, 0, role, rank=2, device="meta")
+        assert b.device.type == a.device.type == "meta" and (b @ a).shape == w.shape, role
+
+
 def evolution_of(old_dir, new_dir, align_dir, rank):
     """(relative error against W_new − W_old when shapes allow, norm of the view) per module."""
     from loramigrate.alignment import load_alignment

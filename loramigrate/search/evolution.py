@@ -25,11 +25,13 @@ CACHE_DIR = "cache"
 
 
 def module_evolution(old_w: torch.Tensor, new_w: torch.Tensor, alignment: Alignment, layer: int, role: str, rank: int,
-                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``rank`` factors (B, A) of W_new − map(W_old), by a randomized SVD (Halko et al.)."""
-    old_w = old_w.detach().float().cpu()
-    b, a = map_factors(alignment, layer, role, old_w, torch.eye(old_w.shape[1]))
-    diff = new_w.detach().float().cpu() - b @ a
+                     seed: int = 0, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors (B, A) of W_new − map(W_old), by a randomized SVD (Halko et al.), computed in float32 on
+    ``device`` (default: the old weight's), where they are returned: the dense maps and the SVD are the heavy part."""
+    device = device or old_w.device
+    old_w = old_w.detach().to(device, torch.float32)
+    b, a = map_factors(alignment, layer, role, old_w, torch.eye(old_w.shape[1], device=device))
+    diff = new_w.detach().to(device, torch.float32) - b @ a
     k = min(rank, *diff.shape)
     u, s, v = low_rank_svd(diff, q=min(k + 8, *diff.shape), seed=seed)
     return u[:, :k] * s[:k], v[:k].contiguous()
@@ -40,8 +42,8 @@ def low_rank_svd(x: torch.Tensor, q: int, seed: int, power_iters: int = 2
     """Randomized SVD (Halko et al. 2011, alg. 4.4) of x (m, n): U (m, q), S (q,), Vh (q, n). It draws
     its test matrix from its own generator (``torch.svd_lowrank`` draws from the global RNG, which would
     change every later random draw of the caller)."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.linalg.qr(x @ torch.randn(x.shape[1], q, generator=g)).Q
+    g = torch.Generator().manual_seed(seed)  # drawn on the host: the same test matrix on every device
+    basis = torch.linalg.qr(x @ torch.randn(x.shape[1], q, generator=g).to(x.device)).Q
     for _ in range(power_iters):  # re-orthonormalised power iterations sharpen a slowly decaying spectrum
         basis = torch.linalg.qr(x @ torch.linalg.qr(x.T @ basis).Q).Q
     u, s, vh = torch.linalg.svd(basis.T @ x, full_matrices=False)
@@ -56,7 +58,8 @@ Factors = tuple[torch.Tensor, torch.Tensor]
 
 
 def base_evolution(align_dir: Path, alignment: Alignment, wanted: list[tuple[int, str]], rank: int,
-                   load_models, progress: ProgressFn = no_progress) -> dict[tuple[int, str], Factors]:
+                   load_models, progress: ProgressFn = no_progress, device: torch.device | str = "cpu"
+                   ) -> dict[tuple[int, str], Factors]:
     """Evolution factors for each (new layer, role) in ``wanted`` that has a source layer.
 
     Cached modules are read from the align directory; missing ones are computed with the two bases
@@ -73,7 +76,8 @@ def base_evolution(align_dir: Path, alignment: Alignment, wanted: list[tuple[int
         for n, (j, role) in enumerate(missing, 1):
             old_w = _weight(old, alignment.old.module_name(alignment.layers[j].old_layer, role))
             new_w = _weight(new, alignment.new.module_name(j, role))
-            cached[f"{j}.{role}.b"], cached[f"{j}.{role}.a"] = module_evolution(old_w, new_w, alignment, j, role, rank)
+            b, a = module_evolution(old_w, new_w, alignment, j, role, rank, device=device)
+            cached[f"{j}.{role}.b"], cached[f"{j}.{role}.a"] = b.cpu(), a.cpu()
             progress("base evolution", n, len(missing))
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")  # workers sharing the alignment each write their own

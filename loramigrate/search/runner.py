@@ -28,7 +28,7 @@ from loramigrate.errors import ArtifactError, ConfigError, LoramigrateError
 from loramigrate.evaluate import Task, read_task
 from loramigrate.finetune.objective import OBJECTIVES, BatchLoss, Distill
 from loramigrate.finetune.teacher import check_teacher, fill_targets, load_teacher
-from loramigrate.models import ModelRef, load_model, load_tokenizer, resolve_model, resolved_load
+from loramigrate.models import ModelRef, load_model, load_tokenizer, resolve_device, resolve_model, resolved_load
 from loramigrate.progress import ProgressFn, no_progress
 from loramigrate.search.core import SCORES, BlendScorer, adapted_layers, apply_blend, ingredients, module_sites
 from loramigrate.search.evolution import base_evolution
@@ -137,7 +137,8 @@ def _evolution(cfg: SearchConfig, alignment: Alignment, layers, progress: Progre
         return tuple(load_model(resolve_model(alignment.base(side)), dtype, "cpu", device_map=cfg.load.device_map,
                                 max_memory=cfg.load.max_memory_map()) for side in ("old", "new"))
     wanted = sorted(set(module_sites(layers, alignment).values()))
-    return base_evolution(Path(cfg.align), alignment, wanted, cfg.evolution_rank, load_bases, progress)
+    return base_evolution(Path(cfg.align), alignment, wanted, cfg.evolution_rank, load_bases, progress,
+                          device=resolve_device(cfg.load.device))
 
 
 def _study(cfg: SearchConfig, out_dir: Path, storage, space: Space, inputs: dict[str, dict[str, str]]):
