@@ -130,7 +130,7 @@ def test_the_base_evolution_loads_both_bases_on_the_host_in_the_runs_dtype(monke
     monkeypatch.setattr(search_runner, "resolve_model", lambda path: path)
     monkeypatch.setattr(search_runner, "load_model", lambda ref, dtype, device, **placement: loads.append(
         (ref, dtype, device)))
-    monkeypatch.setattr(search_runner, "base_evolution", lambda *args: args[4]())  # its load_models()
+    monkeypatch.setattr(search_runner, "base_evolution", lambda *args, **kwargs: args[4]())  # its load_models()
     cfg = SearchConfig(align="a", transfer="t", data="d", load={"device": "cuda"})
     search_runner._evolution(cfg, SimpleNamespace(base=lambda side: side), {}, lambda *a: None)
     assert loads == [("old", "bfloat16", "cpu"), ("new", "bfloat16", "cpu")]
