@@ -207,6 +207,7 @@ def load_with_new_modules(ref: ModelRef, dtype: Dtype = "auto", device: Device =
     hf_logging.disable_progress_bar()  # progress is ours to draw
     if not log.isEnabledFor(logging.DEBUG):
         hf_logging.set_verbosity_error()  # e.g. load reports about an unused pooler
+        logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)  # "offloaded": ours to say (placed by)
     dev = resolve_device(device)
     if dev.type == "cuda":
         cuda_determinism()
