@@ -10,6 +10,7 @@ import re
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -238,16 +239,14 @@ def load_with_new_modules(ref: ModelRef, dtype: Dtype = "auto", device: Device =
         return model.to(dev).eval(), new
     model.loramigrate_offload = offload  # the folder goes when the model does
     # PEFT re-dispatches an offloaded model when it attaches an adapter, and needs the same placement to do so
-    model.loramigrate_placement = {**placed}
+    model.loramigrate_placement = placed
     log.info("%s placed by device map: %s", ref.path, _placement_summary(model))
     return model.eval(), new
 
 
 def _placement_summary(model: nn.Module) -> str:
     """How many top-level parts of a dispatched model went to each device (``hf_device_map``)."""
-    counts: dict[str, int] = {}
-    for where in getattr(model, "hf_device_map", {}).values():
-        counts[str(where)] = counts.get(str(where), 0) + 1
+    counts = Counter(str(where) for where in getattr(model, "hf_device_map", {}).values())
     return ", ".join(f"{n} on {where}" for where, n in counts.items())
 
 

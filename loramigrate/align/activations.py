@@ -95,9 +95,9 @@ def residual_streams(model: nn.Module, batch: dict, device: torch.device | None 
     (default: the model's input device), where the accumulators work; index i is the input of block i, index i + 1
     its output (the last one after the final norm, as transformers returns it). Skips the LM head.
     Blocks a device map spread over GPUs return their states on their own device; they are gathered."""
-    device = device or input_device(model)
-    out = model.base_model(**{k: v.to(input_device(model)) for k, v in batch.items()}, output_hidden_states=True)
-    return torch.stack([h.to(device) for h in out.hidden_states]).float()
+    inputs_at = input_device(model)
+    out = model.base_model(**{k: v.to(inputs_at) for k, v in batch.items()}, output_hidden_states=True)
+    return torch.stack([h.to(device or inputs_at) for h in out.hidden_states]).float()
 
 
 def activation_rows(states: torch.Tensor, mask: torch.Tensor, pooled: bool, row_norm: bool) -> torch.Tensor:

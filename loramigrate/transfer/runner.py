@@ -151,7 +151,6 @@ def verify_with_peft(out_dir: Path, new_base: str, load_cfg, adapter: LoraAdapte
     Raises:
         ArtifactError: an unmatched key, a module PEFT adapted that was not written, NaN/inf, a zero delta.
     """
-
     written = adapter.modules
     base = load_frozen(resolve_model(new_base), load_cfg, num_labels=_num_labels(adapter))
     model = attach_adapter(base, out_dir)
@@ -212,14 +211,12 @@ def _tokenized_batches(cfg: TransferConfig, old_ref, new_ref, rank: int) -> list
 def _fit_with_data(cfg: TransferConfig, alignment: Alignment, adapter: LoraAdapter, result: LoraAdapter,
                    written: Path, progress: ProgressFn) -> tuple[LoraAdapter, dict]:
     """Refit the weight-space transfer in ``written`` on the task's prompts (see ``data_aware``)."""
-    from peft import PeftModel
-
     old_ref, new_ref = resolve_model(alignment.base("old")), resolve_model(alignment.base("new"))
     batches = _tokenized_batches(cfg, old_ref, new_ref, max(m.rank for m in result.modules.values()))
     labels = _num_labels(adapter)
     old_model = attach_adapter(load_frozen(old_ref, cfg.load, num_labels=labels), cfg.adapter).eval()
-    new_model = PeftModel.from_pretrained(load_model(new_ref, cfg.load.dtype, cfg.load.device, num_labels=labels),
-                                          str(written), is_trainable=True).eval()
+    new_model = attach_adapter(load_model(new_ref, cfg.load.dtype, cfg.load.device, num_labels=labels), written,
+                               is_trainable=True).eval()
     dev = input_device(new_model)
     batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
     heads = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in result.extra))
